@@ -1,0 +1,495 @@
+"""Gaussian diffusion (improved DDPM, Nichol & Dhariwal 2021) in MindSpore.
+
+Schedules are computed in float64 numpy; every per-timestep table also lives as a float32
+`ms.Tensor` (attribute `_<name>`) so `q_sample` / `training_losses` can be traced inside a
+GRAPH_MODE `construct` or an `ms.jit` function: lookups by `t` are `ops.gather`, branches
+depend only on Python constants. Sampling loops run eagerly (PyNative), one model call a step.
+
+Method names follow improved-diffusion: q_sample, q_posterior_mean_variance, p_mean_variance,
+training_losses, p_sample(_loop), ddim_sample(_loop).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Callable
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+_LOG2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- schedules
+def get_beta_schedule(beta_schedule: str, *, beta_start: float, beta_end: float, num_diffusion_timesteps: int):
+    """Betas [T] float64 for the deprecated named schedules of DDPM ("linear", "quad", "const", ...)."""
+    n = num_diffusion_timesteps
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    elif beta_schedule == "quad":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    elif beta_schedule == "const":
+        betas = np.full(n, beta_end, dtype=np.float64)
+    elif beta_schedule == "jsd":  # 1/T, 1/(T-1), ..., 1
+        betas = 1.0 / np.linspace(n, 1, n, dtype=np.float64)
+    elif beta_schedule in ("warmup10", "warmup50"):
+        betas = np.full(n, beta_end, dtype=np.float64)
+        warmup = int(n * (0.1 if beta_schedule == "warmup10" else 0.5))
+        betas[:warmup] = np.linspace(beta_start, beta_end, warmup, dtype=np.float64)
+    else:
+        raise NotImplementedError(f"unknown beta schedule: {beta_schedule}")
+    return betas
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999):
+    """Betas [T] float64 discretising a continuous alpha_bar(t), t in [0, 1]."""
+    betas = []
+    for i in range(num_diffusion_timesteps):
+        t1, t2 = i / num_diffusion_timesteps, (i + 1) / num_diffusion_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int):
+    """Betas [T] float64. "linear": 1e-4..0.02 scaled by 1000/T (Ho et al.); "squaredcos_cap_v2": cosine."""
+    if schedule_name == "linear":
+        scale = 1000 / num_diffusion_timesteps
+        return get_beta_schedule(
+            "linear", beta_start=scale * 0.0001, beta_end=scale * 0.02, num_diffusion_timesteps=num_diffusion_timesteps
+        )
+    if schedule_name in ("squaredcos_cap_v2", "cosine"):
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+    raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
+
+
+class ModelMeanType(enum.Enum):
+    """What the model's first C output channels predict."""
+
+    PREVIOUS_X = enum.auto()  # x_{t-1}
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # eps
+
+
+class ModelVarType(enum.Enum):
+    """How the reverse-process variance is obtained. LEARNED_RANGE interpolates (in log space)
+    between the posterior variance beta_tilde (v=-1) and beta (v=+1)."""
+
+    LEARNED = enum.auto()
+    FIXED_SMALL = enum.auto()
+    FIXED_LARGE = enum.auto()
+    LEARNED_RANGE = enum.auto()
+
+
+class LossType(enum.Enum):
+    MSE = enum.auto()  # MSE on the mean (+ VLB term when the variance is learned)
+    RESCALED_MSE = enum.auto()  # as MSE, VLB term scaled by num_timesteps / 1000
+    KL = enum.auto()  # the variational lower bound only
+    RESCALED_KL = enum.auto()  # as KL, scaled by num_timesteps to estimate the full VLB
+
+    def is_vb(self):
+        return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+# ----------------------------------------------------------------------------- helpers
+def mean_flat(tensor, mask=None):
+    """Mean over all non-batch dims -> [B]. With `mask` [B, T] (tensor [B, C, T, H, W]): mean over the
+    frames where mask is True only."""
+    b = tensor.shape[0]
+    if mask is None:
+        return tensor.reshape(b, -1).mean(axis=1)
+    t = tensor.shape[2]
+    m = mask.astype(tensor.dtype).reshape(b, 1, t, 1, 1)
+    per_frame = 1
+    for d in tensor.shape[1:]:
+        per_frame *= d
+    per_frame = per_frame // t  # C*H*W
+    return (tensor * m).reshape(b, -1).sum(axis=1) / (m.reshape(b, t).sum(axis=1) * per_frame)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + ops.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * ops.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """tanh approximation of the standard normal CDF (as used by improved-diffusion)."""
+    return 0.5 * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _cdf_logit(x):
+    """a(x) with approx_standard_normal_cdf(x) = sigmoid(a(x)) exactly (0.5 * (1 + tanh(u)) = sigmoid(2u))."""
+    return (2.0 * math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x * x * x)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood (nats, elementwise) of x in [-1, 1] under a Gaussian discretised to 256 bins.
+
+    Same function as improved-diffusion's (tanh-approximate CDF, 1e-12 floors, edge bins open), but the
+    bin mass cdf(x+) - cdf(x-) is formed as sigmoid(a+) - sigmoid(a-) or, in the upper tail, as
+    sigmoid(-a-) - sigmoid(-a+): equal values without float32 cancellation when both CDFs are near 1.
+    """
+    centered_x = x - means
+    inv_stdv = ops.exp(-log_scales)
+    a_plus = _cdf_logit(inv_stdv * (centered_x + 1.0 / 255.0))
+    a_min = _cdf_logit(inv_stdv * (centered_x - 1.0 / 255.0))
+    cdf_plus = ops.sigmoid(a_plus)
+    one_minus_cdf_min = ops.sigmoid(-a_min)
+    cdf_delta = ops.where(
+        a_plus + a_min > 0, one_minus_cdf_min - ops.sigmoid(-a_plus), cdf_plus - ops.sigmoid(a_min)
+    )
+    log_cdf_plus = ops.log(ops.clamp(cdf_plus, min=1e-12))
+    log_one_minus_cdf_min = ops.log(ops.clamp(one_minus_cdf_min, min=1e-12))
+    log_cdf_delta = ops.log(ops.clamp(cdf_delta, min=1e-12))
+    return ops.where(x < -0.999, log_cdf_plus, ops.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+# ----------------------------------------------------------------------------- diffusion
+_TABLES = (
+    "betas",
+    "log_betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "fixed_large_variance",
+    "fixed_large_log_variance",
+)
+
+
+@ms.jit_class
+class GaussianDiffusion:
+    """Utilities for training and sampling diffusion models.
+
+    :param betas: 1-D array of betas, one per diffusion step (step 0 first).
+    :param model_mean_type / model_var_type / loss_type: `ModelMeanType`, `ModelVarType`, `LossType`.
+    """
+
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type):
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        # plain-str / bool constants for branching inside graph-compiled code
+        self._mean_kind = model_mean_type.name
+        self._var_kind = model_var_type.name
+        self._loss_kind = loss_type.name
+        self._learn_sigma = model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
+        betas = np.asarray(betas, dtype=np.float64)
+        assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be 1-D in (0, 1]"
+        self.num_timesteps = int(betas.shape[0])
+
+        # float64 schedule maths
+        self.betas = betas
+        self.log_betas = np.log(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # posterior q(x_{t-1} | x_t, x_0); its variance is 0 at t=0, so the log is clipped to t=1's value
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        var_at_0 = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(var_at_0, self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # FIXED_LARGE: beta, with t=0 set to the posterior variance for a better decoder likelihood
+        self.fixed_large_variance = np.append(var_at_0, betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+
+        # float32 copies for graph-compatible lookups: self._<name>
+        for name in _TABLES:
+            setattr(self, "_" + name, ms.Tensor(getattr(self, name).astype(np.float32)))
+
+    # ------------------------------------------------------------------ lookups
+    def _extract(self, table, t, ndim):
+        """table[t] reshaped to [B, 1, ..., 1] with `ndim` dims (broadcastable against x)."""
+        return ops.gather(table, t, 0).reshape((t.shape[0],) + (1,) * (ndim - 1))
+
+    def _call_model(self, model, x, t, model_kwargs):
+        """Hook: SpacedDiffusion maps respaced t to the original timestep here."""
+        return model(x, t, **model_kwargs)
+
+    # ------------------------------------------------------------------ forward process
+    def q_mean_variance(self, x_start, t):
+        """Mean, variance, log-variance of q(x_t | x_0)."""
+        n = x_start.ndim
+        mean = self._extract(self._sqrt_alphas_cumprod, t, n) * x_start
+        variance = ops.broadcast_to(self._extract(self._one_minus_alphas_cumprod, t, n), x_start.shape)
+        log_variance = ops.broadcast_to(self._extract(self._log_one_minus_alphas_cumprod, t, n), x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        if noise is None:
+            noise = ops.randn_like(x_start)
+        n = x_start.ndim
+        return (
+            self._extract(self._sqrt_alphas_cumprod, t, n) * x_start
+            + self._extract(self._sqrt_one_minus_alphas_cumprod, t, n) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance, clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
+        n = x_t.ndim
+        mean = (
+            self._extract(self._posterior_mean_coef1, t, n) * x_start
+            + self._extract(self._posterior_mean_coef2, t, n) * x_t
+        )
+        variance = ops.broadcast_to(self._extract(self._posterior_variance, t, n), x_t.shape)
+        log_variance = ops.broadcast_to(self._extract(self._posterior_log_variance_clipped, t, n), x_t.shape)
+        return mean, variance, log_variance
+
+    # ------------------------------------------------------------------ reverse process
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        n = x_t.ndim
+        return (
+            self._extract(self._sqrt_recip_alphas_cumprod, t, n) * x_t
+            - self._extract(self._sqrt_recipm1_alphas_cumprod, t, n) * eps
+        )
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        n = x_t.ndim
+        return (self._extract(self._sqrt_recip_alphas_cumprod, t, n) * x_t - pred_xstart) / self._extract(
+            self._sqrt_recipm1_alphas_cumprod, t, n
+        )
+
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        n = x_t.ndim
+        return (
+            xprev - self._extract(self._posterior_mean_coef2, t, n) * x_t
+        ) / self._extract(self._posterior_mean_coef1, t, n)
+
+    def p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
+        """p(x_{t-1} | x_t) from a model output [B, C or 2C, ...] (see `p_mean_variance`)."""
+        c = x.shape[1]
+        n = x.ndim
+        model_output = model_output.astype(ms.float32)
+        if self._learn_sigma:
+            model_var_values = model_output[:, c:]  # [B, 2C, ...] -> [B, C, ...]
+            model_output = model_output[:, :c]
+            if self._var_kind == "LEARNED":
+                model_log_variance = model_var_values
+            else:
+                min_log = self._extract(self._posterior_log_variance_clipped, t, n)
+                max_log = self._extract(self._log_betas, t, n)
+                frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [beta_tilde, beta]
+                model_log_variance = frac * max_log + (1 - frac) * min_log
+            model_variance = ops.exp(model_log_variance)
+        elif self._var_kind == "FIXED_LARGE":
+            model_variance = ops.broadcast_to(self._extract(self._fixed_large_variance, t, n), x.shape)
+            model_log_variance = ops.broadcast_to(self._extract(self._fixed_large_log_variance, t, n), x.shape)
+        else:  # FIXED_SMALL
+            model_variance = ops.broadcast_to(self._extract(self._posterior_variance, t, n), x.shape)
+            model_log_variance = ops.broadcast_to(self._extract(self._posterior_log_variance_clipped, t, n), x.shape)
+
+        if self._mean_kind == "PREVIOUS_X":
+            pred_xstart = self._predict_xstart_from_xprev(x, t, model_output)
+        elif self._mean_kind == "START_X":
+            pred_xstart = model_output
+        else:
+            pred_xstart = self._predict_xstart_from_eps(x, t, model_output)
+        pred_xstart = self._process_xstart(pred_xstart, clip_denoised, denoised_fn)
+        if self._mean_kind == "PREVIOUS_X":
+            model_mean = model_output
+        else:
+            model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
+
+    @staticmethod
+    def _process_xstart(x, clip_denoised, denoised_fn):
+        if denoised_fn is not None:
+            x = denoised_fn(x)
+        if clip_denoised:
+            x = ops.clamp(x, -1.0, 1.0)
+        return x
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+        """Apply the model to get p(x_{t-1} | x_t) and a prediction of x_0.
+
+        :return: dict with "mean", "variance", "log_variance", "pred_xstart", each shaped like x.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        model_output = self._call_model(model, x, t, model_kwargs)
+        return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
+
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None):
+        """One ancestral step: x_{t-1} = mean + [t != 0] * exp(log_var / 2) * noise.
+
+        :return: dict with "sample" and "pred_xstart".
+        """
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if noise is None:
+            noise = ops.randn_like(x)
+        nonzero_mask = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))  # no noise at t == 0
+        sample = out["mean"] + nonzero_mask * ops.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def _initial(self, shape, noise):
+        if noise is not None:
+            assert tuple(noise.shape) == tuple(shape), f"noise {tuple(noise.shape)} != shape {tuple(shape)}"
+            return noise.astype(ms.float32)
+        return ops.standard_normal(tuple(shape)).astype(ms.float32)
+
+    def _indices(self, progress):
+        indices = list(range(self.num_timesteps))[::-1]
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices)
+        return indices
+
+    def p_sample_loop_progressive(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+    ):
+        """Yield p_sample's dict for t = T-1 .. 0, starting from `noise` (or a fresh N(0, I))."""
+        img = self._initial(shape, noise)
+        for i in self._indices(progress):
+            t = ms.Tensor(np.full((shape[0],), i, dtype=np.int32))
+            out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs)
+            yield out
+            img = out["sample"]
+
+    def p_sample_loop(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+    ):
+        """Ancestral sampling; returns x_0 of `shape` (float32)."""
+        final = None
+        for final in self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress
+        ):
+            pass
+        return final["sample"]
+
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None):
+        """One DDIM step (Song et al. eq. 12), stochasticity `eta`."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        n = x.ndim
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # re-derived whatever the model predicts
+        alpha_bar = self._extract(self._alphas_cumprod, t, n)
+        alpha_bar_prev = self._extract(self._alphas_cumprod_prev, t, n)
+        sigma = eta * ops.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * ops.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean_pred = out["pred_xstart"] * ops.sqrt(alpha_bar_prev) + ops.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        if eta > 0:
+            if noise is None:
+                noise = ops.randn_like(x)
+            nonzero_mask = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (n - 1))
+            mean_pred = mean_pred + nonzero_mask * sigma * noise
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop_progressive(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0
+    ):
+        """Yield ddim_sample's dict for t = T-1 .. 0."""
+        img = self._initial(shape, noise)
+        for i in self._indices(progress):
+            t = ms.Tensor(np.full((shape[0],), i, dtype=np.int32))
+            out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta)
+            yield out
+            img = out["sample"]
+
+    def ddim_sample_loop(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0
+    ):
+        """DDIM sampling; returns x_0 of `shape` (float32)."""
+        final = None
+        for final in self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress, eta
+        ):
+            pass
+        return final["sample"]
+
+    # ------------------------------------------------------------------ losses
+    def _vb_terms_bpd_from_output(self, model_output, x_start, x_t, t, clip_denoised=True, mask=None):
+        """VLB term in bits [B]: decoder NLL at t == 0, else KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))."""
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
+        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        kl = mean_flat(kl, mask) / _LOG2
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        decoder_nll = mean_flat(decoder_nll, mask) / _LOG2
+        return {"output": ops.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, mask=None):
+        if model_kwargs is None:
+            model_kwargs = {}
+        model_output = self._call_model(model, x_t, t, model_kwargs)
+        return self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised, mask)
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, mask=None):
+        """Training losses for one timestep per sample; graph-mode safe.
+
+        :param model: callable model(x_t, t, **model_kwargs) -> [B, C or 2C, ...].
+        :param x_start: [B, C, ...] clean latents.
+        :param t: [B] int timestep indices.
+        :param noise: optional [B, C, ...] Gaussian noise (drawn when None).
+        :param mask: optional [B, T] bool (5-D inputs): False frames are conditioning frames, which get
+            x_t = q_sample(x_0, t=0) and are excluded from the losses (Open-Sora 1.1).
+        :return: dict of float32 [B] tensors: "loss", "mse" (MSE losses), "vb" (learned sigma).
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        x_start = x_start.astype(ms.float32)
+        if noise is None:
+            noise = ops.randn_like(x_start)
+        noise = noise.astype(ms.float32)
+        x_t = self.q_sample(x_start, t, noise)
+        if mask is not None:
+            x_t0 = self.q_sample(x_start, ops.zeros_like(t), noise)
+            x_t = ops.where(mask.astype(ms.bool_).reshape(mask.shape[0], 1, mask.shape[1], 1, 1), x_t, x_t0)
+
+        terms = {}
+        if self._loss_kind in ("KL", "RESCALED_KL"):
+            model_output = self._call_model(model, x_t, t, model_kwargs)
+            vb = self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, False, mask)["output"]
+            if self._loss_kind == "RESCALED_KL":
+                vb = vb * self.num_timesteps
+            terms["loss"] = vb
+            return terms
+
+        model_output = self._call_model(model, x_t, t, model_kwargs).astype(ms.float32)
+        c = x_t.shape[1]
+        if self._learn_sigma:
+            eps_out = model_output[:, :c]  # [B, 2C, ...] -> [B, C, ...]
+            # learn the variance through the VLB without letting it move the mean prediction
+            frozen_out = ops.cat([ops.stop_gradient(eps_out), model_output[:, c:]], axis=1)
+            vb = self._vb_terms_bpd_from_output(frozen_out, x_start, x_t, t, False, mask)["output"]
+            if self._loss_kind == "RESCALED_MSE":
+                vb = vb * (self.num_timesteps / 1000.0)  # keeps the VB term from dominating
+            terms["vb"] = vb
+            model_output = eps_out
+
+        if self._mean_kind == "EPSILON":
+            target = noise
+        elif self._mean_kind == "START_X":
+            target = x_start
+        else:
+            target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
+        terms["mse"] = mean_flat((target - model_output) ** 2, mask)
+        terms["loss"] = terms["mse"] + terms["vb"] if self._learn_sigma else terms["mse"]
+        return terms
+
+    def _prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dim, [B]."""
+        t = ms.Tensor(np.full((x_start.shape[0],), self.num_timesteps - 1, dtype=np.int32))
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(qt_mean, qt_log_variance, ops.zeros_like(qt_mean), ops.zeros_like(qt_mean))) / _LOG2

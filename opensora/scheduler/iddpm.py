@@ -1,0 +1,108 @@
+"""IDDPM scheduler of Open-Sora: training losses on the full diffusion, respaced CFG sampling."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+
+
+def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None):
+    """Classifier-free guided model output for x [B, C, ...] -> [B, 2C, ...] (float32).
+
+    The model sees the batch doubled as [cond; null]: x and t repeated, y = [y; y_null broadcast to
+    y's batch], the same text mask for both halves, t as int32 [2B]. The first `cfg_channel` channels
+    (None: all C eps channels) become uncond + cfg_scale * (cond - uncond); the remaining eps
+    channels and the variance channels are taken from the cond half (Open-Sora forward_with_cfg).
+    """
+    b = x.shape[0]
+    x2 = ops.cat([x, x], axis=0)  # [B, C, ...] -> [2B, C, ...]
+    t2 = ops.cat([t, t], axis=0).astype(ms.int32)
+    y2 = ops.cat([y, ops.broadcast_to(y_null.astype(y.dtype), y.shape)], axis=0)
+    mask2 = None if mask is None else ops.cat([mask, mask], axis=0)
+    out = model(x2, t2, y=y2, mask=mask2)
+    out = out.astype(ms.float32)  # [2B, 2C, ...]
+    if cfg_channel is None:
+        cfg_channel = out.shape[1] // 2
+    cond, uncond = out[:b], out[b:]
+    guided = uncond[:, :cfg_channel] + cfg_scale * (cond[:, :cfg_channel] - uncond[:, :cfg_channel])
+    return ops.cat([guided, cond[:, cfg_channel:]], axis=1)
+
+
+class IDDPM(SpacedDiffusion):
+    """Improved-DDPM diffusion as configured by Open-Sora (`scheduler/iddpm.yaml`).
+
+    :param num_sampling_steps: None -> the full `diffusion_steps` diffusion (training); N -> respaced to
+        N steps: space_timesteps(T, "N") for sampler "ancestral", "ddimN" for sampler "ddim".
+    :param timestep_respacing: explicit respacing instead (exclusive with num_sampling_steps).
+    :param cfg_scale / cfg_channel: classifier-free guidance defaults of `sample`.
+    :param sampler: "ancestral" (p_sample_loop) or "ddim" (ddim_sample_loop with `ddim_eta`).
+    """
+
+    def __init__(
+        self,
+        num_sampling_steps=None,
+        timestep_respacing=None,
+        noise_schedule="linear",
+        use_kl=False,
+        sigma_small=False,
+        predict_xstart=False,
+        learn_sigma=True,
+        rescale_learned_sigmas=False,
+        diffusion_steps=1000,
+        cfg_scale=4.0,
+        cfg_channel=None,
+        sampler="ancestral",
+        ddim_eta=0.0,
+    ):
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}: expected 'ancestral' or 'ddim'")
+        betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
+        if use_kl:
+            loss_type = gd.LossType.RESCALED_KL
+        elif rescale_learned_sigmas:
+            loss_type = gd.LossType.RESCALED_MSE
+        else:
+            loss_type = gd.LossType.MSE
+        if num_sampling_steps is not None:
+            if timestep_respacing is not None:
+                raise ValueError("give num_sampling_steps or timestep_respacing, not both")
+            timestep_respacing = f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
+        if timestep_respacing is None or timestep_respacing == "":
+            timestep_respacing = [diffusion_steps]
+        if learn_sigma:
+            var_type = gd.ModelVarType.LEARNED_RANGE
+        else:
+            var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+        super().__init__(
+            space_timesteps(diffusion_steps, timestep_respacing),
+            betas=betas,
+            model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+            model_var_type=var_type,
+            loss_type=loss_type,
+        )
+        self.cfg_scale = cfg_scale
+        self.cfg_channel = cfg_channel
+        self.sampler = sampler
+        self.ddim_eta = ddim_eta
+
+    def sample(self, model, shape, y, mask, y_null, noise=None, progress=True, cfg_scale=None, cfg_channel=None):
+        """Generate x_0 [B, C, ...] with classifier-free guidance (see `forward_with_cfg`).
+
+        :param model: callable model(x [2B, C, ...], t int32 [2B], y=[2B, ...], mask=[2B, L] or None).
+        :param shape: (B, C, ...) of the latents.
+        :param y: [B, 1, L, D] caption embeddings; y_null: the null caption, broadcastable to y.
+        :param mask: [B, L] caption mask or None.
+        :param noise: x_T [B, C, ...]; drawn from N(0, I) (MindSpore's global seed) when None.
+        """
+        cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        cfg_channel = self.cfg_channel if cfg_channel is None else cfg_channel
+
+        def guided(x, t):
+            return forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel)
+
+        kwargs = dict(noise=noise, clip_denoised=False, progress=progress)
+        if self.sampler == "ddim":
+            return self.ddim_sample_loop(guided, tuple(shape), eta=self.ddim_eta, **kwargs)
+        return self.p_sample_loop(guided, tuple(shape), **kwargs)

@@ -1,0 +1,126 @@
+"""Training checkpoints: one directory per step, written atomically, newest named in `latest`.
+
+    <run>/checkpoints/step_000200/{model.ckpt, ema.ckpt, optimizer.ckpt, state.json}
+    <run>/checkpoints/latest        # text file: "step_000200"
+
+A checkpoint directory is first written as `.tmp-step_000200` and renamed into place when
+complete; `latest` is replaced atomically afterwards. An interrupted write therefore never
+becomes the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+import mindspore as ms
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_params(params: Iterable[ms.Parameter], path: Path, rename=None) -> None:
+    items = [{"name": rename(p.name) if rename else p.name, "data": p} for p in params]
+    ms.save_checkpoint(items, str(path))
+
+
+class CheckpointManager:
+    """Writes, lists and loads the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(self, step: int, model_params: Iterable[ms.Parameter], ema_params: Optional[Iterable[ms.Parameter]],
+             optimizer_params: Iterable[ms.Parameter], state: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:06d}"
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _save_params(model_params, tmp / "model.ckpt")
+        if ema_params is not None:
+            # EMA parameters carry the model's names so the file loads straight into a model.
+            _save_params(ema_params, tmp / "ema.ckpt", rename=lambda n: n[len("ema."):] if n.startswith("ema.") else n)
+        _save_params(optimizer_params, tmp / "optimizer.ckpt")
+        with open(tmp / "state.json", "w") as f:
+            json.dump({**state, "step": step}, f, indent=1)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(self.dir / LATEST, name)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = self.list()
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        found = self.list()
+        return found[-1] if found else None
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a run directory, a checkpoints directory, `.../latest` or a step directory."""
+    p = Path(path)
+    if p.name == LATEST and p.is_file():
+        p = p.parent / p.read_text().strip()
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / LATEST).is_file() or p.name == "checkpoints":
+        latest = CheckpointManager(p.parent).latest()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {p}: train with task.ckpt_every set, or pick another run")
+        p = latest
+    if not (p / "model.ckpt").is_file():
+        raise FileNotFoundError(f"{p} is not a checkpoint directory (no model.ckpt in it)")
+    return p
+
+
+def load_state(ckpt_dir: Path) -> dict:
+    with open(Path(ckpt_dir) / "state.json") as f:
+        return json.load(f)
+
+
+def load_params_into(params: Iterable[ms.Parameter], ckpt_file: str | os.PathLike, strict: bool = True,
+                     rename=None) -> None:
+    """Copy values from a MindSpore .ckpt into `params` matched by name; strict = every param must be found."""
+    saved = ms.load_checkpoint(str(ckpt_file))
+    missing = []
+    for p in params:
+        key = rename(p.name) if rename else p.name
+        if key in saved:
+            value = saved[key]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{ckpt_file}: {key} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            p.set_data(value.astype(p.dtype))
+        else:
+            missing.append(key)
+    if missing and strict:
+        raise KeyError(f"{ckpt_file} lacks {len(missing)} parameters, first: {missing[:5]}")
