@@ -40,14 +40,14 @@ class WandbLogger(NullLogger):
 
     def __init__(self, project: str, entity: Optional[str] = None, group: Optional[str] = None,
                  name: Optional[str] = None, tags: Optional[list] = None, mode: str = "offline",
-                 dir: str = ".", config: Optional[dict] = None, resume_id: Optional[str] = None):
+                 dir: str = ".", run_config: Optional[dict] = None, resume_id: Optional[str] = None):
         import wandb
 
         os.makedirs(dir, exist_ok=True)
         self._wandb = wandb
         self.run = wandb.init(
             project=project, entity=entity, group=group, name=name, tags=list(tags or []),
-            mode=mode, dir=dir, config=config, id=resume_id, resume="allow" if resume_id else None,
+            mode=mode, dir=dir, config=run_config, id=resume_id, resume="allow" if resume_id else None,
             reinit="finish_previous",
         )
         self.run_id = self.run.id
@@ -79,4 +79,4 @@ def build_logger(cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0
     from hydra.utils import instantiate
 
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    return instantiate(cfg.logger, config=resolved, resume_id=resume_id)
+    return instantiate(cfg.logger, run_config=resolved, resume_id=resume_id)

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Mapping, Optional
 
 import mindspore as ms
 
@@ -32,9 +32,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_params(params: Iterable[ms.Parameter], path: Path, rename=None) -> None:
-    items = [{"name": rename(p.name) if rename else p.name, "data": p} for p in params]
-    ms.save_checkpoint(items, str(path))
+def _save_params(params: Mapping[str, ms.Parameter], path: Path) -> None:
+    ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(path))
 
 
 class CheckpointManager:
@@ -44,8 +43,10 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, step: int, model_params: Iterable[ms.Parameter], ema_params: Optional[Iterable[ms.Parameter]],
-             optimizer_params: Iterable[ms.Parameter], state: dict) -> Path:
+    def save(self, step: int, model_params: Mapping[str, ms.Parameter],
+             ema_params: Optional[Mapping[str, ms.Parameter]], optimizer_params: Mapping[str, ms.Parameter],
+             state: dict) -> Path:
+        """Write one checkpoint. Params are given as {name: Parameter}; EMA names are the model's."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:06d}"
         final = self.dir / name
@@ -54,8 +55,7 @@ class CheckpointManager:
         tmp.mkdir()
         _save_params(model_params, tmp / "model.ckpt")
         if ema_params is not None:
-            # EMA parameters carry the model's names so the file loads straight into a model.
-            _save_params(ema_params, tmp / "ema.ckpt", rename=lambda n: n[len("ema."):] if n.startswith("ema.") else n)
+            _save_params(ema_params, tmp / "ema.ckpt")
         _save_params(optimizer_params, tmp / "optimizer.ckpt")
         with open(tmp / "state.json", "w") as f:
             json.dump({**state, "step": step}, f, indent=1)
@@ -108,13 +108,11 @@ def load_state(ckpt_dir: Path) -> dict:
         return json.load(f)
 
 
-def load_params_into(params: Iterable[ms.Parameter], ckpt_file: str | os.PathLike, strict: bool = True,
-                     rename=None) -> None:
-    """Copy values from a MindSpore .ckpt into `params` matched by name; strict = every param must be found."""
+def load_params_into(params: Mapping[str, ms.Parameter], ckpt_file: str | os.PathLike, strict: bool = True) -> None:
+    """Copy values from a MindSpore .ckpt into {name: Parameter} matched by name; strict = every one must be found."""
     saved = ms.load_checkpoint(str(ckpt_file))
     missing = []
-    for p in params:
-        key = rename(p.name) if rename else p.name
+    for key, p in params.items():
         if key in saved:
             value = saved[key]
             if tuple(value.shape) != tuple(p.shape):

@@ -1,0 +1,5 @@
+"""Diffusion backbones."""
+
+from .stdit import STDiT, count_parameters, stdit_xl2
+
+__all__ = ["STDiT", "stdit_xl2", "count_parameters"]

@@ -1,0 +1,148 @@
+"""Pieces shared by the tasks: building components from config, and text-to-video generation."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def record_run(cfg: DictConfig, out: Path) -> None:
+    """Write what reproduces the run next to its outputs: resolved config and git commit."""
+    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    (out / "git_sha.txt").write_text((sha or "unknown") + ("-dirty" if dirty else "") + "\n")
+
+
+def build_text_encoder(cfg: DictConfig, captions: Optional[Sequence[str]] = None):
+    """The configured text encoder. A tiny demo encoder whose tokenizer does not exist yet gets one
+    trained on `captions` (the training set's), then the whole encoder is saved beside it."""
+    te = cfg.text_encoder
+    tok = te.get("tokenizer_path")
+    if te.get("from_pretrained") is None and tok and not Path(tok).is_file():
+        from opensora.text_encoder import train_sentencepiece
+
+        if not captions:
+            raise FileNotFoundError(f"text_encoder.tokenizer_path={tok} does not exist and there are no captions to "
+                                    "train one on: point it at a spiece.model or use text_encoder.from_pretrained")
+        folder = Path(tok).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        trained = train_sentencepiece(list(captions), str(folder), vocab_size=int(te.config.vocab_size))
+        if Path(trained) != Path(tok):
+            os.replace(trained, tok)
+        log.info("trained a SentencePiece tokenizer on %d captions: %s", len(captions), tok)
+    encoder = instantiate(te)
+    if te.get("from_pretrained") is None and tok:
+        encoder.save_pretrained(str(Path(tok).parent))
+    return encoder
+
+
+def build_model(cfg: DictConfig):
+    model = instantiate(cfg.model)
+    from opensora.model import count_parameters
+
+    log.info("model %s: %s parameters", cfg.model._target_, f"{count_parameters(model):,}")
+    return model
+
+
+def batched(items: Sequence, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def generate(model, text_encoder, vae, diffusion, prompts: Sequence[str], latent_size: Sequence[int],
+             batch_size: int, seed: int, progress: bool = True) -> list[np.ndarray]:
+    """Sample one video per prompt; returns [C, T, H, W] float arrays in [-1, 1].
+
+    Noise for prompt i is drawn from `default_rng(seed + i)`, so a sample does not depend on
+    which other prompts share its batch. Batches are padded to `batch_size` so the compiled
+    model graph is reused.
+    """
+    model.set_train(False)
+    c = vae.latent_channels
+    videos = []
+    null = model.get_null_y()
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        padded = chunk + [chunk[-1]] * (batch_size - n)
+        emb = text_encoder.encode(padded)
+        noise = np.stack([np.random.default_rng(seed + start + i).standard_normal((c, *latent_size))
+                          for i in range(batch_size)]).astype(np.float32)
+        z = diffusion.sample(model, shape=noise.shape, y=ms.Tensor(emb["y"]), mask=ms.Tensor(emb["mask"]),
+                             y_null=null, noise=ms.Tensor(noise), progress=progress)
+        z = z.asnumpy() if hasattr(z, "asnumpy") else np.asarray(z)
+        x = vae.decode(z[:n])
+        videos.extend(np.asarray(x, dtype=np.float32))
+    return videos
+
+
+def save_samples(videos: Sequence[np.ndarray], prompts: Sequence[str], out_dir: Path, fps: int, upscale: int,
+                 logger=None, step: Optional[int] = None, prefix: str = "samples") -> list[Path]:
+    """One mp4 per video, a grid GIF of all; logged to W&B when a logger is given."""
+    from opensora.utils.video_io import save_grid, save_video, to_uint8_frames
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = [to_uint8_frames(v) for v in videos]
+    paths = []
+    for i, (f, p) in enumerate(zip(frames, prompts)):
+        slug = "".join(ch if ch.isalnum() else "-" for ch in p.lower())[:60].strip("-")
+        paths.append(Path(save_video(f, out_dir / f"{i:03d}-{slug}.mp4", fps=fps, upscale=upscale)))
+    grid = Path(save_grid(frames, out_dir / "grid.gif", fps=fps, upscale=upscale))
+    with open(out_dir / "prompts.json", "w") as f:
+        json.dump([{"prompt": p, "video": v.name} for p, v in zip(prompts, paths)], f, indent=1)
+    if logger is not None:
+        logger.log_video(f"{prefix}/grid", str(grid), caption=" | ".join(prompts), step=step, fps=fps)
+        for p, v in zip(prompts, paths):
+            logger.log_video(f"{prefix}/video", str(v), caption=p, step=step, fps=fps)
+    log.info("saved %d videos and %s", len(paths), grid)
+    return paths
+
+
+def read_prompts(prompts: Optional[Sequence[str]], prompt_file: Optional[str]) -> list[str]:
+    out = list(prompts or [])
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"task.prompt_file={prompt_file} does not exist")
+        out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    out = [p for p in out if p and p.strip()]
+    if not out:
+        raise ValueError("no prompts: set task.prompts='[a red square moving left]' or task.prompt_file=FILE "
+                         "(one prompt per line)")
+    return out
+
+
+def score_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequence[str], out_dir: Path,
+                  logger=None, step: Optional[int] = None) -> dict:
+    """Score videos against their prompts with `data.evaluator`; writes scores.json, logs eval/* metrics."""
+    from opensora.utils.video_io import to_uint8_frames
+
+    scores = instantiate(cfg.data.evaluator)([to_uint8_frames(v) for v in videos], list(prompts))
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=1, default=str))
+    result = {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if logger is not None:
+        logger.log(result, step=step)
+    print("\nevaluation: " + ", ".join(f"{k[5:]} {v:.3g}" for k, v in result.items()), flush=True)
+    return result
