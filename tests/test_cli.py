@@ -13,22 +13,24 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from opensora.logger.wandb import read_offline_run
 
 pytestmark = pytest.mark.slow
 
 # A tiny, fast training setup shared by the runs below.
-TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.num_frames=4", "data.image_size=8",
-        "data.batch_size=4", "data.dataset.num_samples=64", "scheduler.num_sampling_steps=3",
-        "task.eval.batch_size=8", "task.eval.upscale=2"]
+SMALL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.num_frames=4", "data.image_size=8",
+         "data.batch_size=4", "data.dataset.num_samples=64", "scheduler.num_sampling_steps=3"]
+TINY = [*SMALL, "task.eval.batch_size=8", "task.eval.upscale=2"]
 
 
-def run_cli(args, tmp_path, check=True, timeout=600, **popen):
+def run_cli(args, tmp_path, check=True, timeout=600, popen=False):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PROJECT_ROOT": str(tmp_path),
            "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, **popen)
+    if popen:  # background run in its own process group, output to a file (a full pipe would block it)
+        log = open(tmp_path / "background.log", "w")
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -65,12 +67,13 @@ def test_train_writes_checkpoints_samples_scores_and_wandb(trained):
     assert "evaluation: color_acc" in proc.stdout
     mp4s = sorted((run_dir / "samples" / "step_000006").glob("*.mp4"))
     assert len(mp4s) == 8 and (run_dir / "samples" / "step_000006" / "grid.gif").is_file()
-    # W&B offline run: its summary file holds the logged metrics.
+    # W&B offline run: its run file holds the config, the logged history and the summary.
     offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1
-    summary = json.loads((offline[0] / "files" / "wandb-summary.json").read_text())
-    assert summary["eval/color_acc"] == scores["color_acc"] and "train/loss" in summary
-    assert state["wandb_run_id"] and offline[0].name.endswith(state["wandb_run_id"])
+    assert len(offline) == 1 and offline[0].name.endswith(state["wandb_run_id"])
+    wb = read_offline_run(str(next(offline[0].glob("run-*.wandb"))))
+    assert [h["_step"] for h in wb["history"] if "train/loss" in h] == [2, 4, 6]
+    assert wb["summary"]["eval/color_acc"] == scores["color_acc"]
+    assert wb["config"]["model"]["hidden_size"] == 32 and wb["config"]["task"]["max_steps"] == 6
 
 
 def test_sample_task_writes_playable_mp4(trained, tmp_path):
@@ -78,7 +81,7 @@ def test_sample_task_writes_playable_mp4(trained, tmp_path):
 
     run_dir, _ = trained
     out = tmp_path / "sample"
-    run_cli([*TINY, "task=sample", f"task.ckpt_path={run_dir}/checkpoints/latest", "text_encoder=t5_folder",
+    run_cli([*SMALL, "task=sample", f"task.ckpt_path={run_dir}/checkpoints/latest", "text_encoder=t5_folder",
              f"text_encoder.from_pretrained={run_dir}/text_encoder", "task.prompts=[a red square moving left,"
              "a blue circle moving up]", "task.evaluate=true", "task.upscale=4", "logger=none",
              f"hydra.run.dir={out}"], tmp_path)
@@ -91,7 +94,7 @@ def test_sample_task_writes_playable_mp4(trained, tmp_path):
 
 def test_sample_errors_are_clear(trained, tmp_path):
     run_dir, _ = trained
-    base = [*TINY, "task=sample", "text_encoder=t5_folder", f"text_encoder.from_pretrained={run_dir}/text_encoder",
+    base = [*SMALL, "task=sample", "text_encoder=t5_folder", f"text_encoder.from_pretrained={run_dir}/text_encoder",
             "logger=none", f"hydra.run.dir={tmp_path / 'x'}"]
     proc = run_cli([*base, f"task.ckpt_path={run_dir}", "task.prompts=[]"], tmp_path, check=False)
     assert proc.returncode != 0 and "no prompts" in proc.stderr
@@ -108,17 +111,17 @@ def test_resume_without_checkpoint_names_the_directory(tmp_path):
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL a run after its first checkpoint; resuming it ends bit-for-bit (within fp32 noise) where an
-    uninterrupted run ends. Caption dropout is off so that in-graph randomness plays no part."""
+    uninterrupted run ends (1e-4; one repeated or skipped Adam step would move weights by ~lr = 1e-3). Caption dropout is off so that in-graph randomness plays no part."""
     args = [*TINY, "model.class_dropout_prob=0", "task.max_steps=60", "task.ckpt_every=4", "task.eval=null",
             "optim.lr_schedule.kind=constant", "logger=none"]
     ref = tmp_path / "ref"
     run_cli([*args, f"hydra.run.dir={ref}"], tmp_path)
 
     killed = tmp_path / "killed"
-    proc = run_cli([*args, f"hydra.run.dir={killed}"], tmp_path, popen=True, start_new_session=True)
+    proc = run_cli([*args, f"hydra.run.dir={killed}"], tmp_path, popen=True)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "latest").exists():
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, (tmp_path / "background.log").read_text()
         assert time.time() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -132,7 +135,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     b = load_ckpt(killed / "checkpoints" / "step_000060" / "model.ckpt")
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-4, err_msg=k)  # CPU threading noise ~1e-5
     sa = json.loads((ref / "checkpoints" / "step_000060" / "state.json").read_text())
     sb = json.loads((killed / "checkpoints" / "step_000060" / "state.json").read_text())
     assert sa["data"] == sb["data"] and sa["rng"] == sb["rng"]
@@ -149,6 +152,6 @@ def test_multirun_two_points_two_wandb_runs(tmp_path):
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
         ids.add(runs[0].name.rsplit("-", 1)[-1])
-        summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-        assert summary["train/lr"] == pytest.approx(float(lr))
+        wb = read_offline_run(str(next(runs[0].glob("run-*.wandb"))))
+        assert wb["config"]["optim"]["lr"] == pytest.approx(float(lr)) and wb["history"]
     assert len(ids) == 2

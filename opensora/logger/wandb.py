@@ -79,4 +79,54 @@ def build_logger(cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0
     from hydra.utils import instantiate
 
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    return instantiate(cfg.logger, run_config=resolved, resume_id=resume_id)
+    # Built as a partial and called, so the config dict is passed as data, not instantiated.
+    return instantiate(cfg.logger, _partial_=True)(run_config=resolved, resume_id=resume_id)
+
+
+def read_offline_run(path: str) -> dict:
+    """Read back an offline W&B run file (`<run>/wandb/offline-run-*/run-<id>.wandb`) without syncing it.
+
+    Returns {"history": [ {metric: value, "_step": n}, ...], "summary": {...}, "config": {...}}.
+    The file is W&B's LevelDB-style log: a 7-byte header, then 32 KiB blocks of records
+    (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) holding protobuf `Record`s.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    block, pos, payloads, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a record header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+            pending = b""
+
+    def items(updates):
+        return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
+
+    out = {"history": [], "summary": {}, "config": {}}
+    for payload in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append(items(rec.history.item))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "run":
+            out["config"].update(items(rec.run.config.update))
+    return out

@@ -55,6 +55,7 @@ class IDDPM(SpacedDiffusion):
         cfg_channel=None,
         sampler="ancestral",
         ddim_eta=0.0,
+        clip_denoised=False,
     ):
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}: expected 'ancestral' or 'ddim'")
@@ -86,6 +87,9 @@ class IDDPM(SpacedDiffusion):
         self.cfg_channel = cfg_channel
         self.sampler = sampler
         self.ddim_eta = ddim_eta
+        # Clamp each predicted x0 to [-1, 1] while sampling: off for latent models (the original),
+        # useful for pixel-space models whose data lives in [-1, 1].
+        self.clip_denoised = clip_denoised
 
     def sample(self, model, shape, y, mask, y_null, noise=None, progress=True, cfg_scale=None, cfg_channel=None):
         """Generate x_0 [B, C, ...] with classifier-free guidance (see `forward_with_cfg`).
@@ -102,7 +106,7 @@ class IDDPM(SpacedDiffusion):
         def guided(x, t):
             return forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel)
 
-        kwargs = dict(noise=noise, clip_denoised=False, progress=progress)
+        kwargs = dict(noise=noise, clip_denoised=self.clip_denoised, progress=progress)
         if self.sampler == "ddim":
             return self.ddim_sample_loop(guided, tuple(shape), eta=self.ddim_eta, **kwargs)
         return self.p_sample_loop(guided, tuple(shape), **kwargs)

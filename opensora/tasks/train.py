@@ -146,6 +146,10 @@ def run(cfg: DictConfig) -> float:
                        {"data": loader.state(), "rng": rng.bit_generator.state, "wandb_run_id": logger.run_id,
                         "loss_avg": loss_avg, "seed": int(cfg.seed)})
 
+        evaluator = None
+        if task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"):
+            evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger)
+        eval_every = int(task.eval.get("every", 0) or 0) if task.get("eval") else 0
         batches = iter(loader)
         bar = tqdm(total=int(task.max_steps), initial=step, desc="train", dynamic_ncols=True)
         t_last, steps_since = time.perf_counter(), 0
@@ -177,13 +181,15 @@ def run(cfg: DictConfig) -> float:
                             "train/samples_per_s": sps * x.shape[0], "train/epoch": loader.epoch}, step=step)
             if int(task.ckpt_every) > 0 and step % int(task.ckpt_every) == 0:
                 save(step)
+            if evaluator is not None and eval_every > 0 and step % eval_every == 0 and step < int(task.max_steps):
+                evaluator(model_params, ema, step)
         bar.close()
         if int(task.ckpt_every) > 0 and not (ckpts.latest() and ckpts.latest().name == f"step_{step:06d}"):
             save(step)
 
         metrics = {"train/final_loss_avg": loss_avg}
-        if task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"):
-            metrics.update(evaluate(cfg, model_params, ema, text_encoder, vae, dataset, out, logger, step))
+        if evaluator is not None:
+            metrics.update(evaluator(model_params, ema, step))
         logger.summary(metrics)
         for k, v in metrics.items():
             log.info("%s = %s", k, v)
@@ -195,17 +201,28 @@ def run(cfg: DictConfig) -> float:
     return metrics[key]
 
 
-def evaluate(cfg, model_params, ema, text_encoder, vae, dataset, out: Path, logger, step: int) -> dict:
-    """Sample the held-out prompts with the EMA weights (if kept) and score them with the data's evaluator."""
-    ev = cfg.task.eval
-    sample_model = build_model(cfg)
-    values = {**model_params, **(ema or {})}
-    for n, p in named_params(sample_model).items():
-        p.set_data(values[n].data.copy().astype(p.dtype))
-    prompts = [p for p in dataset.heldout_prompts() for _ in range(int(ev.num_samples_per_prompt))]
-    sampler = instantiate(cfg.scheduler)
-    latent = [int(v) for v in cfg.model.input_size]
-    videos = generate(sample_model, text_encoder, vae, sampler, prompts, latent, int(ev.batch_size), int(cfg.seed))
-    folder = out / "samples" / f"step_{step:06d}"
-    save_samples(videos, prompts, folder, int(ev.fps), int(ev.upscale), logger, step, prefix="eval")
-    return score_samples(cfg, videos, prompts, folder, logger, step)
+class HeldoutEvaluator:
+    """Samples the held-out prompts with the EMA weights (if kept) and scores them with `data.evaluator`.
+
+    The sampling model is built once and refreshed from the training weights at each call, so
+    periodic evaluation compiles its graph only once.
+    """
+
+    def __init__(self, cfg: DictConfig, dataset, text_encoder, vae, out: Path, logger):
+        self.cfg, self.text_encoder, self.vae, self.out, self.logger = cfg, text_encoder, vae, out, logger
+        ev = cfg.task.eval
+        self.prompts = [p for p in dataset.heldout_prompts() for _ in range(int(ev.num_samples_per_prompt))]
+        self.sampler = instantiate(cfg.scheduler)
+        self.model = build_model(cfg)
+
+    def __call__(self, model_params: dict, ema: Optional[dict], step: int) -> dict:
+        cfg, ev = self.cfg, self.cfg.task.eval
+        values = {**model_params, **(ema or {})}
+        for n, p in named_params(self.model).items():
+            p.set_data(values[n].data.copy().astype(p.dtype))
+        latent = [int(v) for v in cfg.model.input_size]
+        videos = generate(self.model, self.text_encoder, self.vae, self.sampler, self.prompts, latent,
+                          int(ev.batch_size), int(cfg.seed), progress=False)
+        folder = self.out / "samples" / f"step_{step:06d}"
+        save_samples(videos, self.prompts, folder, int(ev.fps), int(ev.upscale), self.logger, step, prefix="eval")
+        return score_samples(cfg, videos, self.prompts, folder, self.logger, step)

@@ -109,6 +109,9 @@ def read_video(path) -> np.ndarray:
     back as [16, 16, 6] with each 96-byte row holding 48 real bytes, and `get_batch` fails); such frames
     are read one at a time and their rows cropped to width * 3 bytes.
     """
+    # MindSpore must be loaded before decord: the other order aborts the process when MindSpore
+    # starts ("random_device could not be read"), e.g. in a test session that uses both.
+    import mindspore  # noqa: F401
     import decord
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
