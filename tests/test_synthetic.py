@@ -253,3 +253,19 @@ def test_gif_grid(tmp_path):
     assert gif.shape[1] > 2 * 32 + 3 * 2  # 2 rows plus label strips
     png = iio.imread(save_grid_png(videos, tmp_path / "grid.png", nrow=5, upscale=1))
     assert png.shape[:2] == (16 + 2 * 2, 2 * (5 * 16 + 6 * 2) + 4 * 2)
+
+
+def test_jitter_keeps_the_path_centred():
+    from opensora.data.synthetic import render_clip
+
+    for direction in ("left", "right", "up", "down"):
+        starts = set()
+        for k in range(40):
+            clip = render_clip("red", "square", direction, 8, 16, np.random.default_rng(k), size=5, speed=1, jitter=1)
+            ys, xs = np.nonzero(clip[0, :, :, 0] > 0.5)
+            starts.add((int(xs.min()), int(ys.min())))
+        # room = 11, travel = 7: the moving axis starts at 2 +- 1 (or 9 +- 1 going back), the other at 5 +- 1
+        along = {1, 2, 3} if direction in ("right", "down") else {8, 9, 10}
+        axis = 0 if direction in ("left", "right") else 1
+        assert {s[axis] for s in starts} <= along and len({s[axis] for s in starts}) > 1
+        assert {s[1 - axis] for s in starts} <= {4, 5, 6}

@@ -128,7 +128,7 @@ def _default_size(image_size: int) -> tuple[int, int]:
 
 def render_clip(color: str, shape: str, direction: str, num_frames: int, image_size: int,
                 rng: np.random.Generator, size: Optional[int] = None, speed: Optional[float] = None,
-                background=0.0) -> np.ndarray:
+                background=0.0, jitter: Optional[int] = None) -> np.ndarray:
     """One clip [T, H, W, 3] float32 in [0, 1] (H = W = image_size).
 
     The shape occupies a `size` x `size` box (circle: the pixels whose centres lie within size/2 of the
@@ -136,7 +136,8 @@ def render_clip(color: str, shape: str, direction: str, num_frames: int, image_s
     the start is random among those keeping the box fully inside the frame for the whole clip.
     `size` defaults to a random integer in [image_size/4, 3 image_size/8] (at least 4), `speed` to a
     random integer in [1, max(2, image_size/16)] px/frame, both capped to what fits. `background` is a
-    grey level or an RGB triple.
+    grey level or an RGB triple. `jitter` (px) narrows the start to the centred path +- jitter on each
+    axis (None: anywhere that fits), which makes position nearly a function of the caption.
     """
     if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
         raise ValueError(f"unknown attribute in ({color!r}, {shape!r}, {direction!r})")
@@ -161,8 +162,14 @@ def render_clip(color: str, shape: str, direction: str, num_frames: int, image_s
                          f"out of a {image_size}px frame")
     dx, dy = DIRECTIONS[direction]
     # start (top-left) so that start + d * offsets stays within [0, room] on the moving axis
-    along = int(rng.integers(travel if (dx + dy) < 0 else 0, (room if (dx + dy) < 0 else room - travel) + 1))
-    across = int(rng.integers(0, room + 1))
+    lo_along, hi_along = (travel, room) if (dx + dy) < 0 else (0, room - travel)
+    lo_across, hi_across = 0, room
+    if jitter is not None:
+        mid_along, mid_across = (lo_along + hi_along) // 2, room // 2
+        lo_along, hi_along = max(lo_along, mid_along - jitter), min(hi_along, mid_along + jitter)
+        lo_across, hi_across = max(0, mid_across - jitter), min(room, mid_across + jitter)
+    along = int(rng.integers(lo_along, hi_along + 1))
+    across = int(rng.integers(lo_across, hi_across + 1))
     x0, y0 = (along, across) if dx else (across, along)
 
     if shape == "square":
@@ -184,20 +191,24 @@ class SyntheticVideoDataset:
     """Map-style dataset of `render_clip` videos with captions, over the training combinations only.
 
     Item i shows combination `triples[i % len(triples)]` (so combinations are equally frequent) with
-    random size, speed and start drawn from `default_rng([seed, i])`; returns
+    random size, speed and start drawn from `default_rng([seed, i])` (`size`, `speed` and `jitter`
+    fix or narrow them, see `render_clip`); returns
     (video [3, T, H, W] float32 in [-1, 1], caption).
     """
 
     def __init__(self, num_samples: int = 2048, num_frames: int = 8, image_size: int = 16,
                  colors: Optional[Sequence[str]] = None, shapes: Optional[Sequence[str]] = None,
-                 directions: Optional[Sequence[str]] = None, num_heldout: int = 8, seed: int = 0):
+                 directions: Optional[Sequence[str]] = None, num_heldout: int = 8, seed: int = 0,
+                 size: Optional[int] = None, speed: Optional[float] = None, jitter: Optional[int] = None):
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples} must be >= 1")
         self.num_samples, self.num_frames, self.image_size = int(num_samples), int(num_frames), int(image_size)
         self.seed = int(seed)
+        self.render_kwargs = {"size": size, "speed": speed, "jitter": jitter}
         self.triples, self.heldout = split_prompts(colors, shapes, directions, num_heldout, seed)
         self.captions = [caption(*t) for t in self.triples]
-        render_clip(*self.triples[0], self.num_frames, self.image_size, np.random.default_rng(0))  # fail early
+        render_clip(*self.triples[0], self.num_frames, self.image_size, np.random.default_rng(0),
+                    **self.render_kwargs)  # fail early
 
     def __len__(self) -> int:
         return self.num_samples
@@ -207,7 +218,8 @@ class SyntheticVideoDataset:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
         i %= self.num_samples
         t = self.triples[i % len(self.triples)]
-        clip = render_clip(*t, self.num_frames, self.image_size, np.random.default_rng([self.seed, i]))
+        clip = render_clip(*t, self.num_frames, self.image_size, np.random.default_rng([self.seed, i]),
+                           **self.render_kwargs)
         video = np.ascontiguousarray(clip.transpose(3, 0, 1, 2)) * 2.0 - 1.0  # [T, H, W, 3] -> [3, T, H, W]
         return video.astype(np.float32), caption(*t)
 

@@ -92,6 +92,26 @@ def optimizer_state(optimizer, weights) -> dict[str, ms.Parameter]:
     return {n: p for n, p in optimizer.parameters_and_names() if id(p) not in own}
 
 
+def warn_config_changes(cfg: DictConfig, saved_path: Path) -> None:
+    """Log the settings a resumed run changes compared with the run it continues."""
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    now = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(saved)), dict(flat(now))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ("resume",))
+    for k in changed:
+        log.warning("resumed run changes %s: %r -> %r", k, a.get(k), b.get(k))
+
+
 def run(cfg: DictConfig) -> float:
     out = run_dir(cfg)
     task = cfg.task
@@ -102,6 +122,7 @@ def run(cfg: DictConfig) -> float:
         if resume_from is None:
             raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint in {ckpts.dir} "
                                     "(the run was killed before its first checkpoint, or this is not a run directory)")
+        warn_config_changes(cfg, out / "config_resolved.yaml")
     record_run(cfg, out)
 
     dataset = instantiate(cfg.data.dataset)
