@@ -4,6 +4,7 @@ or built at random for the tiny demo; and the loader of HF T5 weights.
 A Hugging Face folder holds `config.json`, `spiece.model` (optionally `tokenizer_config.json`)
 and the weights as one of, in this order of preference:
     model.safetensors | model.safetensors.index.json + shards |
+    model.ckpt (MindSpore, as `task=convert task.component=text_encoder` writes it) |
     pytorch_model.bin | pytorch_model.bin.index.json + shards      (.bin needs torch)
 Full T5 (encoder-decoder) checkpoints such as DeepFloyd/t5-v1_1-xxl load too: `decoder.*` and
 `lm_head.*` are skipped, and shards holding only those are not read.
@@ -33,7 +34,8 @@ _DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float
            "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
 _SKIPPED_PREFIXES = ("decoder.", "lm_head.")
 _EMBED_ALIAS = {"encoder.embed_tokens.weight": "shared.weight"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model.ckpt", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 # ================================================================
@@ -95,6 +97,19 @@ def read_torch_bin(path, keys: Optional[set] = None, all_keys: Optional[list] = 
         if t.dtype == torch.bfloat16:
             t = t.float()
         out[name] = t.numpy()
+    return out
+
+
+def read_ms_checkpoint(path, keys: Optional[set] = None, all_keys: Optional[list] = None) -> dict[str, np.ndarray]:
+    """Tensors of a MindSpore .ckpt as numpy (bf16 widened to float32), only `keys` if given; every
+    key of the file is appended to `all_keys` when given."""
+    out = {}
+    for name, t in ms.load_checkpoint(str(path)).items():
+        if all_keys is not None:
+            all_keys.append(name)
+        if keys is not None and name not in keys:
+            continue
+        out[name] = (ms.ops.cast(t, ms.float32) if t.dtype == ms.bfloat16 else t).asnumpy()
     return out
 
 
@@ -162,6 +177,8 @@ def load_hf_t5_weights(encoder: T5Encoder, folder) -> LoadReport:
         if path.suffix == ".safetensors":
             all_keys.extend(safetensors_keys(path))
             tensors = read_safetensors(path, wanted)
+        elif path.suffix == ".ckpt":
+            tensors = read_ms_checkpoint(path, wanted, all_keys)
         else:
             tensors = read_torch_bin(path, wanted, all_keys)
         for key, arr in tensors.items():
