@@ -102,6 +102,58 @@ def save_video(frames, path, fps: int = 8, upscale: int = 1) -> str:
     return _atomic_write(path, write)
 
 
+# Set in data-loader worker processes, which never load MindSpore (see `_decord`).
+DECORD_WITHOUT_MINDSPORE = False
+
+
+def _decord():
+    """The decord module. MindSpore must be loaded before decord: the other order aborts the process
+    when MindSpore starts ("random_device could not be read"), e.g. in a test session that uses both.
+    Loader workers that never load MindSpore skip that import (it costs seconds and memory)."""
+    if not DECORD_WITHOUT_MINDSPORE:
+        import mindspore  # noqa: F401
+    import decord
+
+    return decord
+
+
+def _as_rgb(frame: np.ndarray) -> np.ndarray:
+    """One decord frame [H, W, row_bytes / W] -> [H, W, 3] (see `read_video` on padded rows)."""
+    h, w = frame.shape[:2]
+    if frame.shape[2] == 3:
+        return frame
+    return np.ascontiguousarray(frame.reshape(h, -1)[:, :w * 3]).reshape(h, w, 3)
+
+
+def open_video(path, num_threads: int = 0):
+    """A decord VideoReader on `path` (`num_threads` decoder threads, 0: decord's default)."""
+    decord = _decord()
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=int(num_threads))
+
+
+def read_frames(reader, indices) -> np.ndarray:
+    """Frames `indices` of an open VideoReader -> [len(indices), H, W, 3] uint8; only those frames are
+    decoded (plus what seeking needs). Handles decord's padded-row frames like `read_video`."""
+    decord = _decord()
+    indices = [int(i) for i in indices]
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+        if frames.ndim == 4 and frames.shape[-1] == 3:
+            return frames
+    except decord.DECORDError:
+        frame = reader[indices[0]].asnumpy()
+        if frame.shape[2] == 3:  # not the padded-row case: a real decoding error
+            raise
+    return np.stack([_as_rgb(reader[i].asnumpy()) for i in indices])
+
+
+def video_info(reader) -> dict:
+    """num_frames, fps, height, width of an open VideoReader (frame 0 is decoded for the size)."""
+    n = len(reader)
+    h, w = reader[0].shape[:2] if n else (0, 0)
+    return {"num_frames": int(n), "fps": float(reader.get_avg_fps()), "height": int(h), "width": int(w)}
+
+
 def read_video(path) -> np.ndarray:
     """Decode a video file with decord -> [T, H, W, 3] uint8.
 
