@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -12,19 +14,94 @@ from omegaconf import OmegaConf
 
 @dataclass
 class PrecisionConfig:
-    """Numeric precision of the trained model. fp32 is the only mode so far."""
+    """Numeric precision of the diffusion model.
+
+    dtype: compute dtype of its matmuls/activations (fp32, fp16, bf16); parameters, LayerNorm,
+    softmax, embeddings and the loss stay fp32. loss_scale: null, `dynamic` (start at
+    loss_scale_value, multiply by loss_scale_factor after loss_scale_window finite steps, divide on
+    an overflow and skip that step) or `static` (fixed loss_scale_value; overflow steps skipped).
+    """
 
     dtype: str = "fp32"
     loss_scale: Optional[str] = None
+    loss_scale_value: float = 65536.0
+    loss_scale_factor: int = 2
+    loss_scale_window: int = 2000
 
 
 @dataclass
 class ParallelConfig:
-    """How processes and devices are used. `single`: one process, one device."""
+    """How processes and devices are used. `single`: one process, one device; `data`: data parallel
+    over the ranks msrun starts (gradients averaged with AllReduce, one data shard per rank)."""
 
     mode: str = "single"
     device_target: str = "CPU"
     jit_level: str = "O0"
+    # MindSpore's memory_optimize_level: O0 or O1 (reuse of intermediate buffers)
+    memory_optimize_level: str = "O0"
+
+
+PRECISION_DTYPES = ("fp32", "fp16", "bf16")
+LOSS_SCALES = (None, "dynamic", "static")
+PARALLEL_MODES = ("single", "data")
+
+
+def check_precision(precision: Any, training: bool = True) -> None:
+    """Fail early, naming the settings, on a precision config that cannot work."""
+    dtype, scale = precision.dtype, precision.get("loss_scale")
+    if dtype not in PRECISION_DTYPES:
+        raise ValueError(f"precision.dtype={dtype!r} is not one of: {', '.join(PRECISION_DTYPES)}")
+    if scale not in LOSS_SCALES:
+        raise ValueError(f"precision.loss_scale={scale!r} is not one of: null, dynamic, static")
+    if training and dtype == "fp16" and scale is None:
+        raise ValueError("precision.dtype=fp16 needs a loss scale, but precision.loss_scale=null: fp16 gradients "
+                         "underflow without one. Use precision=fp16 (dynamic) or set precision.loss_scale=dynamic "
+                         "or static")
+    if scale is not None:
+        if float(precision.loss_scale_value) < 1:
+            raise ValueError(f"precision.loss_scale_value={precision.loss_scale_value} must be >= 1")
+        if scale == "dynamic" and (int(precision.loss_scale_factor) < 2 or int(precision.loss_scale_window) < 1):
+            raise ValueError(f"precision.loss_scale=dynamic needs loss_scale_factor >= 2 and loss_scale_window >= 1, "
+                             f"got {precision.loss_scale_factor} and {precision.loss_scale_window}")
+
+
+def check_parallel(parallel: Any) -> None:
+    if parallel.mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: {', '.join(PARALLEL_MODES)}")
+
+
+_LAUNCH_TIME: list = []
+
+
+def launch_time(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """The job's start time, formatted: the same on every rank of an msrun job (the start time of the
+    msrun process that spawned them all), so all ranks share one run directory; else this process's
+    first call. On several nodes pass hydra.run.dir explicitly instead."""
+    if not _LAUNCH_TIME:
+        t = time.time()
+        if os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED"):  # spawned by msrun (ranks and scheduler)
+            try:
+                import psutil
+
+                t = psutil.Process(os.getppid()).create_time()
+            except Exception:  # noqa: BLE001 - fall back to this process's time
+                pass
+        _LAUNCH_TIME.append(t)
+    return time.strftime(fmt, time.localtime(_LAUNCH_TIME[0]))
+
+
+def sweep_name() -> Optional[str]:
+    """In a multirun job, the sweep directory's name (used as the W&B group); else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        return None
 
 
 def latent_size(num_frames: int, image_size: Any, downsample: Any) -> list[int]:
@@ -64,3 +141,9 @@ def register_configs() -> None:
         )
     if not OmegaConf.has_resolver("hf_config"):
         OmegaConf.register_new_resolver("hf_config", hf_config_value)
+    if not OmegaConf.has_resolver("if_null"):
+        OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value)
+    if not OmegaConf.has_resolver("launch_time"):
+        OmegaConf.register_new_resolver("launch_time", launch_time)
+    if not OmegaConf.has_resolver("sweep_name"):
+        OmegaConf.register_new_resolver("sweep_name", sweep_name)

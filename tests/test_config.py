@@ -20,8 +20,10 @@ def test_every_experiment_composes_and_resolves(experiment, tmp_path):
     # Everything but deliberately required values (???) resolves.
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert cfg.task._target_
-    vae = instantiate(cfg.vae)
-    assert list(cfg.model.input_size)[1] * vae.downsample == (
+    # A VAE read from downloaded weights (recipes) is not built here; its config states its downsample.
+    down = cfg.vae.downsample if cfg.vae.get("from_pretrained") else instantiate(cfg.vae).downsample
+    down = down if isinstance(down, int) else list(down)[1]
+    assert list(cfg.model.input_size)[1] * down == (
         cfg.data.image_size if isinstance(cfg.data.image_size, int) else cfg.data.image_size[0])
 
 
@@ -31,7 +33,9 @@ def test_every_group_option_composes(group, option, tmp_path):
     if (group, option) == ("text_encoder", "t5_folder"):
         (tmp_path / "config.json").write_text('{"d_model": 48}')
         extra = [f"text_encoder.from_pretrained={tmp_path}"]
-    cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)
+    # the demo's 12 px frames do not divide by a latent VAE's 8
+    extra_size = ["data.image_size=64"] if group == "vae" and option != "identity" else []
+    cfg = compose_cfg([f"{group}={option}", *extra, *extra_size], tmp_path)
     if extra:
         assert cfg.model.caption_channels == 48
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, Uniform, XavierUniform, Zero, initializer
 
+from .precision import resolve_dtype
 from .layers import (
     LayerNorm,
     Linear,
@@ -24,7 +25,6 @@ from .layers import (
     t2i_modulate,
 )
 
-_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 # ================================================================
@@ -236,7 +236,7 @@ class STDiTBlock(nn.Cell):
         # temporal branch: attention over frames at each spatial position (raw residual, no norm)
         x_t = x.reshape(B, T, S, C).transpose(0, 2, 1, 3).reshape(B * S, T, C)  # [B, T*S, C] -> [B*S, T, C]
         if tpe is not None:
-            x_t = x_t + tpe
+            x_t = ops.cast(ops.cast(x_t, ms.float32) + tpe, x_t.dtype)  # position embedding added in fp32
         x_t = self.attn_temp(x_t)
         x_t = x_t.reshape(B, S, T, C).transpose(0, 2, 1, 3).reshape(B, N, C)  # [B*S, T, C] -> [B, T*S, C]
         x = x + gate_msa * x_t
@@ -280,8 +280,12 @@ class STDiT(nn.Cell):
     construct(x [B, C, T, H, W], timestep [B], y [B, 1, L, caption_channels], mask [B, L] or None)
     -> [B, out_channels, T, H, W] float32 (channels [:C] = eps, [C:] = variance interpolation).
 
-    dtype: compute dtype of activations and matmuls (fp32 parameters are cast where used);
-    LayerNorm and softmax always run in fp32. On CPU only fp32 and fp16 are supported.
+    dtype: compute dtype ("fp32", "fp16", "bf16") of activations and matmuls; parameters stay fp32
+    (master weights) and are cast where used. LayerNorm, attention scores and softmax, the timestep
+    embedding (sinusoid and MLPs) and the position-embedding adds always run in fp32; the output is
+    fp32. On CPU only fp32 and fp16 kernels exist (opensora.model.precision checks at start-up).
+    recompute_blocks: gradient checkpointing (activations of a block are recomputed in the backward
+    pass instead of stored): None = off, N = the first N blocks, "all" = every block.
     Caption dropout follows `self.training` (set_train): a function wrapped in ms.jit fixes the mode
     it was compiled in, so compile train and eval steps separately.
     `no_temporal_pos_emb=True` skips the temporal position embedding (the v1.0.0 original stored
@@ -306,6 +310,7 @@ class STDiT(nn.Cell):
         time_scale=1.0,
         enable_flashattn=False,
         dtype=ms.float32,
+        recompute_blocks=None,
     ):
         super().__init__()
         input_size = tuple(int(s) for s in input_size)
@@ -326,7 +331,7 @@ class STDiT(nn.Cell):
         self.no_temporal_pos_emb = no_temporal_pos_emb
         self.space_scale = space_scale
         self.time_scale = time_scale
-        self.dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        self.dtype = resolve_dtype(dtype)
 
         # constant (recomputed, not parameters) position embeddings
         self.pos_embed = self.get_spatial_pos_embed()  # [1, S, C]
@@ -358,6 +363,7 @@ class STDiT(nn.Cell):
 
         self.initialize_weights()
         self.initialize_temporal()
+        self.recompute_blocks = apply_recompute(self.blocks, recompute_blocks)
 
     def construct(self, x, timestep, y, mask=None):
         B = x.shape[0]
@@ -366,11 +372,13 @@ class STDiT(nn.Cell):
 
         # embedding
         x = self.x_embedder(x)  # [B, C_in, T, H, W] -> [B, T*S, C]
-        x = x.reshape(B, self.num_temporal, self.num_spatial, self.hidden_size) + self.pos_embed  # [B, T, S, C]
+        x = x.reshape(B, self.num_temporal, self.num_spatial, self.hidden_size)  # [B, T, S, C]
+        x = ops.cast(ops.cast(x, ms.float32) + self.pos_embed, self.dtype)  # position embedding added in fp32
         x = x.reshape(B, self.num_patches, self.hidden_size)  # [B, T*S, C]
 
-        t = self.t_embedder(timestep, self.dtype)  # [B, C]
-        t0 = self.t_block(t)  # [B, 6*C]
+        t = self.t_embedder(timestep)  # [B, C], fp32
+        t0 = ops.cast(self.t_block(t), self.dtype)  # [B, 6*C]
+        t = ops.cast(t, self.dtype)
         y = self.y_embedder(y, self.training)  # [B, 1, L, C]
         y = y.reshape(y.shape[0], -1, self.hidden_size)  # [B, L, C]
         if mask is not None:
@@ -403,11 +411,11 @@ class STDiT(nn.Cell):
     def get_spatial_pos_embed(self):
         grid = (self.input_size[1] // self.patch_size[1], self.input_size[2] // self.patch_size[2])
         pe = get_2d_sincos_pos_embed(self.hidden_size, grid, scale=self.space_scale)
-        return Tensor(pe[None], self.dtype)  # [1, S, C]
+        return Tensor(pe[None], ms.float32)  # [1, S, C]
 
     def get_temporal_pos_embed(self):
         pe = get_1d_sincos_pos_embed(self.hidden_size, self.num_temporal, scale=self.time_scale)
-        return Tensor(pe[None], self.dtype)  # [1, T, C]
+        return Tensor(pe[None], ms.float32)  # [1, T, C]
 
     def get_null_y(self):
         """The null caption y_embedding as [1, 1, L, caption_channels] (for classifier-free guidance)."""
@@ -445,6 +453,23 @@ class STDiT(nn.Cell):
             _fill(block.cross_attn.proj.bias, Zero())
         _fill(self.final_layer.linear.weight, Zero())
         _fill(self.final_layer.linear.bias, Zero())
+
+
+def apply_recompute(blocks: nn.CellList, recompute_blocks) -> int:
+    """Turn on recomputation (Cell.recompute) for the first N blocks or "all"; returns N."""
+    depth = len(blocks)
+    if recompute_blocks is None or recompute_blocks is False:
+        return 0
+    if recompute_blocks == "all" or recompute_blocks is True:
+        n = depth
+    elif isinstance(recompute_blocks, int) and 0 <= recompute_blocks <= depth:
+        n = recompute_blocks
+    else:
+        raise ValueError(f"model.recompute_blocks={recompute_blocks!r}: use null (off), an integer 0..{depth} "
+                         f"(the first N of model.depth={depth} blocks) or all")
+    for block in list(blocks)[:n]:
+        block.recompute()
+    return n
 
 
 def _fill(param, init):

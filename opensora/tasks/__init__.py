@@ -12,11 +12,27 @@ log = logging.getLogger(__name__)
 
 
 def setup_runtime(cfg: DictConfig) -> None:
-    """Seed every RNG and set up MindSpore (graph mode: the whole train step is compiled)."""
+    """Check precision/parallel settings, set up MindSpore (graph mode: the whole train step is
+    compiled) and the ranks (msrun), and seed every RNG (the same seed on every rank)."""
     import mindspore as ms
 
+    from opensora.config import check_parallel, check_precision
+    from opensora.model.precision import check_dtype_supported
+    from opensora.parallel import init_parallel
+
+    check_parallel(cfg.parallel)
+    if cfg.get("precision") is not None:
+        check_precision(cfg.precision, training=False)
     ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.parallel.device_target,
-                   jit_config={"jit_level": cfg.parallel.jit_level})
+                   jit_config={"jit_level": cfg.parallel.jit_level},
+                   memory_optimize_level=cfg.parallel.get("memory_optimize_level", "O0"))
+    init_parallel(cfg.parallel)
+    if cfg.get("precision") is not None:
+        check_dtype_supported(cfg.precision.dtype, cfg.parallel.device_target)
+    for part in ("text_encoder", "vae"):  # components with their own dtype setting
+        dtype = (cfg.get(part) or {}).get("dtype")
+        if dtype in ("fp16", "bf16"):
+            check_dtype_supported(dtype, cfg.parallel.device_target, setting=f"{part}.dtype")
     ms.set_seed(int(cfg.seed))
     np.random.seed(int(cfg.seed))
     random.seed(int(cfg.seed))

@@ -58,11 +58,19 @@ def build_text_encoder(cfg: DictConfig, captions: Optional[Sequence[str]] = None
     return encoder
 
 
-def build_model(cfg: DictConfig):
-    model = instantiate(cfg.model)
+def build_model(cfg: DictConfig, with_pretrained: bool = True):
+    """The configured model, with the weights of `model.pretrained` (a checkpoint file or a train-task
+    checkpoint; see opensora/model/pretrained.py) loaded when set and `with_pretrained`."""
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    pretrained = spec.pop("pretrained", None)
+    model = instantiate(spec)
     from opensora.model import count_parameters
 
     log.info("model %s: %s parameters", cfg.model._target_, f"{count_parameters(model):,}")
+    if pretrained and with_pretrained:
+        from opensora.model.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
     return model
 
 
@@ -71,30 +79,38 @@ def batched(items: Sequence, n: int):
         yield items[i:i + n]
 
 
-def generate(model, text_encoder, vae, diffusion, prompts: Sequence[str], latent_size: Sequence[int],
-             batch_size: int, seed: int, progress: bool = True) -> list[np.ndarray]:
-    """Sample one video per prompt; returns [C, T, H, W] float arrays in [-1, 1].
+def sample_latents(model, text_encoder, diffusion, prompts: Sequence[str], latent_shape: Sequence[int],
+                   batch_size: int, seed: int, progress: bool = True):
+    """Sample one latent per prompt, batch by batch: yields [n, C, T, H, W] float32 arrays.
 
-    Noise for prompt i is drawn from `default_rng(seed + i)`, so a sample does not depend on
-    which other prompts share its batch. Batches are padded to `batch_size` so the compiled
-    model graph is reused.
+    `latent_shape` is [C, T, H, W]; `text_encoder` is anything with `encode(prompts) -> {"y", "mask"}`
+    (a T5Embedder, or cached embeddings). Noise for prompt i is drawn from `default_rng(seed + i)`,
+    so a sample does not depend on which other prompts share its batch. Batches are padded to
+    `batch_size` so the compiled model graph is reused.
     """
     model.set_train(False)
-    c = vae.latent_channels
-    videos = []
     null = model.get_null_y()
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         padded = chunk + [chunk[-1]] * (batch_size - n)
         emb = text_encoder.encode(padded)
-        noise = np.stack([np.random.default_rng(seed + start + i).standard_normal((c, *latent_size))
+        noise = np.stack([np.random.default_rng(seed + start + i).standard_normal(tuple(latent_shape))
                           for i in range(batch_size)]).astype(np.float32)
         z = diffusion.sample(model, shape=noise.shape, y=ms.Tensor(emb["y"]), mask=ms.Tensor(emb["mask"]),
                              y_null=null, noise=ms.Tensor(noise), progress=progress)
         z = z.asnumpy() if hasattr(z, "asnumpy") else np.asarray(z)
-        x = vae.decode(z[:n])
-        videos.extend(np.asarray(x, dtype=np.float32))
+        yield z[:n].astype(np.float32)
+
+
+def generate(model, text_encoder, vae, diffusion, prompts: Sequence[str], latent_size: Sequence[int],
+             batch_size: int, seed: int, progress: bool = True) -> list[np.ndarray]:
+    """Sample one video per prompt (`sample_latents`, then `vae.decode` per batch); returns
+    [C, T, H, W] float arrays in [-1, 1]. `latent_size` is [T, H, W]."""
+    videos = []
+    shape = [vae.latent_channels, *latent_size]
+    for z in sample_latents(model, text_encoder, diffusion, prompts, shape, batch_size, seed, progress):
+        videos.extend(np.asarray(vae.decode(z), dtype=np.float32))
     return videos
 
 
@@ -146,3 +162,15 @@ def score_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequen
         logger.log(result, step=step)
     print("\nevaluation: " + ", ".join(f"{k[5:]} {v:.3g}" for k, v in result.items()), flush=True)
     return result
+
+
+def publish_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequence[str], out: Path, fps: int,
+                    upscale: int, logger, evaluate: bool) -> float:
+    """Save (and log) the videos of a sample/decode run; with `evaluate`, score them, put the scores in
+    the run summary and return the first score (the run's metric), else NaN."""
+    save_samples(videos, prompts, out / "samples", fps, upscale, logger)
+    if not evaluate:
+        return float("nan")
+    result = score_samples(cfg, videos, prompts, out / "samples", logger)
+    logger.summary(result)
+    return next(iter(result.values()), float("nan"))

@@ -2,7 +2,6 @@
 checkpoints every N steps; exact resume; held-out sampling and evaluation at the end."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,8 +15,11 @@ from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from opensora.data.loader import BatchLoader
+from opensora.config import check_precision
+from opensora.data import build_dataset
+from opensora.data.loader import BatchLoader, prepare_batch
 from opensora.logger import build_logger
+from opensora.parallel import barrier, broadcast_params, get_parallel, grad_reducer, ranks_in_sync
 from opensora.tasks.common import build_model, build_text_encoder, generate, record_run, run_dir, save_samples, \
     score_samples
 from opensora.utils.checkpoint import CheckpointManager, load_params_into, load_state
@@ -38,30 +40,110 @@ class DiffusionLoss(nn.Cell):
         return terms["loss"].mean()
 
 
+class ScaledLoss(nn.Cell):
+    """(loss * scale, loss): the first is differentiated, the second returned as is (loss scaling)."""
+
+    def __init__(self, loss_net: nn.Cell):
+        super().__init__()
+        self.loss_net = loss_net
+
+    def construct(self, scale, *inputs):
+        loss = self.loss_net(*inputs)
+        return loss * scale, loss
+
+
 class TrainStep(nn.Cell):
-    """loss, grads -> global-norm clip -> AdamW -> EMA update, compiled as one graph."""
+    """One optimisation step, compiled as one graph:
+
+    loss, grads (of loss * loss_scale when scaling) -> mean over ranks (data parallel) -> unscale ->
+    overflow check -> global-norm clip -> AdamW -> EMA update. A step whose gradients are not all
+    finite changes no weight, optimiser state or EMA; it is counted (`skipped_steps`) and, with a
+    dynamic scale, halves the scale. After `scale_window` finite steps in a row the scale doubles.
+
+    loss_scale: None, or {"kind": "dynamic" | "static", "value", "factor", "window"}.
+    Returns (loss, grad_norm, grads_finite, loss_scale used); loss is the mean over ranks.
+    """
 
     def __init__(self, loss_net: nn.Cell, optimizer, grad_clip: float, ema: Optional[ms.ParameterTuple],
-                 ema_decay: float):
+                 ema_decay: float, loss_scale: Optional[dict] = None, grad_reducer: Optional[nn.Cell] = None,
+                 world_size: int = 1):
         super().__init__()
         self.optimizer = optimizer
         self.weights = optimizer.parameters
-        self.grad_fn = ms.value_and_grad(loss_net, None, self.weights)
         self.grad_clip = float(grad_clip) if grad_clip else 0.0
         self.ema = ema
         self.use_ema = ema is not None
         self.decay = float(ema_decay)
+        self.scaling = loss_scale is not None
+        self.dynamic = self.scaling and loss_scale["kind"] == "dynamic"
+        if self.scaling:
+            self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net), None, self.weights, has_aux=True)
+        else:
+            self.grad_fn = ms.value_and_grad(loss_net, None, self.weights)
+        ls = loss_scale or {}
+        self.loss_scale = ms.Parameter(ms.Tensor(float(ls.get("value", 1.0)), ms.float32), name="loss_scale",
+                                       requires_grad=False)
+        self.good_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.skipped_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
+        self.scale_factor = float(ls.get("factor", 2))
+        self.scale_window = int(ls.get("window", 2000))
+        self.reducer = grad_reducer
+        self.distributed = grad_reducer is not None
+        self.world = float(world_size)
+        self.allreduce = ops.AllReduce() if self.distributed else None
+        self.true = ms.Tensor(True, ms.bool_)
 
-    def construct(self, x, t, noise, y, mask):
-        loss, grads = self.grad_fn(x, t, noise, y, mask)
-        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
+    def scale_state(self) -> dict[str, ms.Parameter]:
+        """Loss-scale state, checkpointed with the optimiser."""
+        return {"loss_scale": self.loss_scale, "loss_scale_good_steps": self.good_steps,
+                "skipped_steps": self.skipped_steps}
+
+    def apply(self, grads):
         if self.grad_clip > 0:
             grads = ops.clip_by_global_norm(grads, self.grad_clip)
         self.optimizer(grads)
         if self.use_ema:
             for e, w in zip(self.ema, self.weights):
                 ops.assign(e, e * self.decay + w * (1.0 - self.decay))
-        return loss, grad_norm
+        return True
+
+    def construct(self, *inputs):
+        scale = ops.stop_gradient(self.loss_scale * 1.0)
+        if self.scaling:
+            (_, loss), grads = self.grad_fn(scale, *inputs)
+        else:
+            loss, grads = self.grad_fn(*inputs)
+        if self.distributed:
+            grads = self.reducer(grads)  # mean over ranks
+            loss = self.allreduce(loss) / self.world
+        if self.scaling:
+            grads = tuple(g / scale for g in grads)
+        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
+        finite = self.true
+        if self.scaling:
+            finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
+            if finite:
+                self.apply(grads)
+            else:
+                ops.assign_add(self.skipped_steps, ms.Tensor(1, ms.int32))
+            if self.dynamic:
+                good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
+                grow = good >= self.scale_window
+                new_scale = ops.select(finite, ops.select(grow, scale * self.scale_factor, scale),
+                                       ops.maximum(scale / self.scale_factor, ops.ones_like(scale)))
+                ops.assign(self.loss_scale, new_scale)
+                ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
+        else:
+            self.apply(grads)
+        return loss, grad_norm, finite, scale
+
+
+def loss_scale_settings(precision) -> Optional[dict]:
+    """TrainStep's loss_scale argument from the precision config (None without a loss scale)."""
+    if precision is None or precision.get("loss_scale") is None:
+        return None
+    return {"kind": str(precision.loss_scale), "value": float(precision.loss_scale_value),
+            "factor": int(precision.loss_scale_factor), "window": int(precision.loss_scale_window)}
 
 
 def sample_timesteps(rng: np.random.Generator, batch: int, num_timesteps: int, kind: str = "uniform",
@@ -85,6 +167,30 @@ def make_ema(model: nn.Cell) -> dict[str, ms.Parameter]:
     """fp32 copies of the trainable parameters, keyed like the model's."""
     return {n: ms.Parameter(p.data.copy().astype(ms.float32), name=f"ema.{n}", requires_grad=False)
             for n, p in named_params(model).items() if p.requires_grad}
+
+
+def build_train_step(cfg: DictConfig, model: nn.Cell, diffusion):
+    """AdamW, the fp32 EMA and the TrainStep for `model` as configured (optim, precision, parallel).
+
+    Returns (step_fn, optimizer, model_params, ema); model_params/ema are {name: Parameter} keyed
+    like the model's checkpoint.
+    """
+    optimizer = instantiate(cfg.optim.optimizer)(model.trainable_params())
+    ema = make_ema(model) if cfg.optim.ema_decay else None
+    model_params = named_params(model)  # taken before nesting renames Parameter.name
+    # EMA entries in the order of the optimiser's weights, which the train step zips them with.
+    ema_tuple = ms.ParameterTuple([ema[n] for n, p in model_params.items() if p.requires_grad]) if ema else None
+    step_fn = TrainStep(DiffusionLoss(model, diffusion), optimizer, cfg.optim.grad_clip, ema_tuple,
+                        cfg.optim.ema_decay, loss_scale=loss_scale_settings(cfg.get("precision")),
+                        grad_reducer=grad_reducer(optimizer.parameters), world_size=get_parallel().world_size)
+    step_fn.set_train(True)
+    return step_fn, optimizer, model_params, ema
+
+
+def global_slice(draw, rank: int, per_rank: int):
+    """Rows [rank * per_rank, (rank + 1) * per_rank) of a draw made for the whole global batch, so a
+    data-parallel rank uses the same timesteps/noise one process with the global batch would."""
+    return draw[rank * per_rank:(rank + 1) * per_rank]
 
 
 def optimizer_state(optimizer, weights) -> dict[str, ms.Parameter]:
@@ -113,6 +219,8 @@ def warn_config_changes(cfg: DictConfig, saved_path: Path) -> None:
 
 
 def run(cfg: DictConfig) -> float:
+    check_precision(cfg.precision, training=True)
+    par = get_parallel()
     out = run_dir(cfg)
     task = cfg.task
     ckpts = CheckpointManager(out, keep_last=int(task.keep_last))
@@ -122,27 +230,33 @@ def run(cfg: DictConfig) -> float:
         if resume_from is None:
             raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint in {ckpts.dir} "
                                     "(the run was killed before its first checkpoint, or this is not a run directory)")
-        warn_config_changes(cfg, out / "config_resolved.yaml")
-    record_run(cfg, out)
+        if par.is_main:
+            warn_config_changes(cfg, out / "config_resolved.yaml")
+    if par.is_main:
+        record_run(cfg, out)
 
-    dataset = instantiate(cfg.data.dataset)
-    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed))
-    text_encoder = build_text_encoder(cfg, captions=getattr(dataset, "captions", None))
-    vae = instantiate(cfg.vae)
+    dataset = build_dataset(cfg)
+    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.rank,
+                         world_size=par.world_size, num_workers=int(cfg.data.get("num_workers", 0)),
+                         prefetch=int(cfg.data.get("prefetch", 2)), max_bad_fraction=cfg.data.get("max_bad_fraction", 0.1))
+    # Cached embeddings (data.text_embed_folder / data.video_embed_folder) replace the text encoder / VAE.
+    if not par.is_main:
+        barrier()  # rank 0 first writes what the run directory shares (tokenizer, text encoder)
+    text_encoder = None if cfg.data.get("text_embed_folder") else \
+        build_text_encoder(cfg, captions=getattr(dataset, "captions", None))
+    if par.is_main:
+        barrier()
+    vae = None if cfg.data.get("video_embed_folder") else instantiate(cfg.vae)
     model = build_model(cfg)
     diffusion = instantiate(cfg.scheduler, num_sampling_steps=None)
 
+    broadcast_params(named_params(model).values())  # every rank starts from rank 0's weights
+
     lr_at = instantiate(cfg.optim.lr_schedule, base_lr=float(cfg.optim.lr), max_steps=int(task.max_steps))
-    optimizer = instantiate(cfg.optim.optimizer)(model.trainable_params())
+    step_fn, optimizer, model_params, ema = build_train_step(cfg, model, diffusion)
     lr_param = optimizer.param_groups[0]["lr"]
-    ema = make_ema(model) if cfg.optim.ema_decay else None
-    model_params = named_params(model)  # taken before nesting renames Parameter.name
-    # EMA entries in the order of the optimiser's weights, which the train step zips them with.
-    ema_tuple = ms.ParameterTuple([ema[n] for n, p in model_params.items() if p.requires_grad]) if ema else None
-    step_fn = TrainStep(DiffusionLoss(model, diffusion), optimizer, cfg.optim.grad_clip, ema_tuple,
-                        cfg.optim.ema_decay)
     opt_state = optimizer_state(optimizer, step_fn.weights)
-    step_fn.set_train(True)
+    scale_state = step_fn.scale_state()
 
     step, wandb_id, loss_avg = 0, None, None
     rng = np.random.default_rng(int(cfg.seed))
@@ -152,63 +266,99 @@ def run(cfg: DictConfig) -> float:
         if ema is not None:
             load_params_into(ema, resume_from / "ema.ckpt", strict=False)
         load_params_into(opt_state, resume_from / "optimizer.ckpt")
+        if step_fn.scaling:  # absent when the run being resumed had no loss scale
+            load_params_into(scale_state, resume_from / "optimizer.ckpt", strict=False)
         step, wandb_id, loss_avg = int(state["step"]), state.get("wandb_run_id"), state.get("loss_avg")
         loader.load_state(state["data"])
         rng.bit_generator.state = state["rng"]
         ms.set_seed(int(cfg.seed) + step)  # fresh, deterministic stream for in-graph randomness (caption dropout)
         log.info("resumed from %s at step %d", resume_from, step)
 
-    logger = build_logger(cfg, resume_id=wandb_id)
+    logger = build_logger(cfg, resume_id=wandb_id, rank=par.rank)
     exit_code = 1
     try:
+        saved_at = [step if resume_from is not None else None]  # step of the latest checkpoint
+
         def save(at_step: int) -> None:
+            saved_at[0] = at_step
+            if par.distributed:  # rank 0 writes the checkpoint for all: check they hold the same weights
+                if not ranks_in_sync(model_params.values()):
+                    raise RuntimeError(f"step {at_step}: the model weights differ between the {par.world_size} "
+                                       "ranks (data-parallel replicas diverged); not saving a checkpoint")
+                log.info("step %d: weights identical on all %d ranks", at_step, par.world_size)
+            if not par.is_main:
+                return
             # The EMA file holds a whole model (frozen buffers included), so it loads like model.ckpt.
-            ckpts.save(at_step, model_params, {**model_params, **ema} if ema is not None else None, opt_state,
+            ckpts.save(at_step, model_params, {**model_params, **ema} if ema is not None else None,
+                       {**opt_state, **scale_state} if step_fn.scaling else opt_state,
                        {"data": loader.state(), "rng": rng.bit_generator.state, "wandb_run_id": logger.run_id,
                         "loss_avg": loss_avg, "seed": int(cfg.seed)})
 
         evaluator = None
-        if task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"):
+        if par.is_main and task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"):
             evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger)
         eval_every = int(task.eval.get("every", 0) or 0) if task.get("eval") else 0
         batches = iter(loader)
-        bar = tqdm(total=int(task.max_steps), initial=step, desc="train", dynamic_ncols=True)
-        t_last, steps_since = time.perf_counter(), 0
+        bar = tqdm(total=int(task.max_steps), initial=step, desc="train", dynamic_ncols=True,
+                   disable=not par.is_main)
+        t_last, steps_since, overflows_in_row = time.perf_counter(), 0, 0
         while step < int(task.max_steps):
-            videos, captions = next(batches)
-            x = vae.encode(videos)
-            emb = text_encoder.encode(captions)
-            t = sample_timesteps(rng, x.shape[0], diffusion.num_timesteps, task.timestep_sampling.kind,
-                                 float(task.timestep_sampling.power))
-            noise = rng.standard_normal(x.shape).astype(np.float32)
+            x, emb = prepare_batch(next(batches), vae, text_encoder)
+            # drawn for the global batch on every rank; each rank takes its own rows
+            n, B = x.shape[0], x.shape[0] * par.world_size
+            t = global_slice(sample_timesteps(rng, B, diffusion.num_timesteps, task.timestep_sampling.kind,
+                                              float(task.timestep_sampling.power)), par.rank, n)
+            noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.rank, n)
             lr = lr_at(step)
             lr_param.set_data(ms.Tensor(lr, ms.float32))
-            loss, grad_norm = step_fn(ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise), ms.Tensor(emb["y"]),
-                                      ms.Tensor(emb["mask"]))
-            loss, grad_norm = float(loss.asnumpy()), float(grad_norm.asnumpy())
-            if not math.isfinite(loss):
+            loss, grad_norm, finite, scale = step_fn(ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise),
+                                                     ms.Tensor(emb["y"]), ms.Tensor(emb["mask"]))
+            loss, grad_norm, finite = float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
+            if not finite:  # only with a loss scale: the step was skipped and counted
+                overflows_in_row += 1
+                scale = float(scale.asnumpy())
+                log.info("step %d: non-finite gradients at loss scale %g, step skipped", step + 1, scale)
+                if scale <= 1.0 or overflows_in_row >= 50:
+                    raise FloatingPointError(f"step {step + 1}: gradients non-finite {overflows_in_row} steps in a row "
+                                             f"(loss scale {scale:g}, loss {loss}); lower optim.lr, use "
+                                             "precision=fp32 or check the data")
+            elif not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower optim.lr or check the data")
+            else:
+                overflows_in_row = 0
             step += 1
             steps_since += 1
-            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            if finite:
+                loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
             bar.update(1)
             if step % int(task.log_every) == 0 or step == int(task.max_steps):
                 now = time.perf_counter()
                 sps = steps_since / max(now - t_last, 1e-9)
                 t_last, steps_since = now, 0
-                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", steps_s=f"{sps:.2f}")
-                logger.log({"train/loss": loss, "train/loss_avg": loss_avg, "train/lr": lr,
-                            "train/grad_norm": grad_norm, "train/steps_per_s": sps,
-                            "train/samples_per_s": sps * x.shape[0], "train/epoch": loader.epoch}, step=step)
+                shown = loss_avg if loss_avg is not None else math.nan  # None until a step was not skipped
+                bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", steps_s=f"{sps:.2f}")
+                logs = {"train/loss": loss, "train/loss_avg": loss_avg, "train/lr": lr,
+                        "train/grad_norm": grad_norm, "train/steps_per_s": sps,
+                        "train/samples_per_s": sps * B, "train/epoch": loader.epoch}
+                if step_fn.scaling:
+                    logs.update({"train/loss_scale": float(step_fn.loss_scale.asnumpy()),
+                                 "train/skipped_steps": int(step_fn.skipped_steps.asnumpy())})
+                logger.log(logs, step=step)
             if int(task.ckpt_every) > 0 and step % int(task.ckpt_every) == 0:
                 save(step)
             if evaluator is not None and eval_every > 0 and step % eval_every == 0 and step < int(task.max_steps):
                 evaluator(model_params, ema, step)
         bar.close()
-        if int(task.ckpt_every) > 0 and not (ckpts.latest() and ckpts.latest().name == f"step_{step:06d}"):
+        # decided from this process's own record, not the files, so all ranks agree (save is collective)
+        if int(task.ckpt_every) > 0 and saved_at[0] != step:
             save(step)
 
-        metrics = {"train/final_loss_avg": loss_avg}
+        metrics = {"train/final_loss_avg": loss_avg, "data/bad_samples": loader.num_bad_samples}
+        if loader.num_bad_samples:
+            log.warning("data: %d bad sample(s) skipped (logged above; first: %s)", loader.num_bad_samples,
+                        next(iter(loader.bad_samples), "?"))
+        if step_fn.scaling:
+            metrics["train/skipped_steps"] = int(step_fn.skipped_steps.asnumpy())
         if evaluator is not None:
             metrics.update(evaluator(model_params, ema, step))
         logger.summary(metrics)
@@ -216,6 +366,7 @@ def run(cfg: DictConfig) -> float:
             log.info("%s = %s", k, v)
         exit_code = 0
     finally:
+        loader.close()
         logger.finish(exit_code)
     name = task.metric
     key = name if name in metrics else f"eval/{name}" if f"eval/{name}" in metrics else "train/final_loss_avg"
@@ -234,7 +385,7 @@ class HeldoutEvaluator:
         ev = cfg.task.eval
         self.prompts = [p for p in dataset.heldout_prompts() for _ in range(int(ev.num_samples_per_prompt))]
         self.sampler = instantiate(cfg.scheduler)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg, with_pretrained=False)  # weights are copied from training at each call
 
     def __call__(self, model_params: dict, ema: Optional[dict], step: int) -> dict:
         cfg, ev = self.cfg, self.cfg.task.eval

@@ -1,0 +1,154 @@
+"""Processes and devices: which rank this process is, collective set-up under msrun, and the helpers
+data parallelism needs (rank 0's weights on every rank, a gradient reducer, rank-0-only output).
+
+Ranks are started by MindSpore's launcher, never by this project:
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun --join=True \\
+        run.py parallel=data
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    mode: str = "single"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_CONTEXT = ParallelContext()
+
+
+def get_parallel() -> ParallelContext:
+    """The context set by `init_parallel` (single process until then)."""
+    return _CONTEXT
+
+
+def msrun_role() -> Optional[str]:
+    """MS_WORKER (a training rank) or MS_SCHED (msrun's scheduler, which runs the same script) under
+    msrun; None otherwise."""
+    role = os.environ.get("MS_ROLE")
+    return role if role in ("MS_WORKER", "MS_SCHED") else None
+
+
+def msrun_world_size() -> int:
+    """Number of workers msrun started (1 when not launched by msrun)."""
+    if msrun_role() is None:
+        return 1
+    return int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
+
+
+def init_parallel(parallel) -> ParallelContext:
+    """Set up `parallel.mode` (after ms.set_context); returns and remembers the context.
+
+    msrun's scheduler process runs this script too: it serves the cluster inside `init()` and exits
+    when the job ends, never reaching the task.
+    """
+    global _CONTEXT
+    import mindspore as ms
+
+    role = msrun_role()
+    if parallel.mode == "single":
+        if role is not None:
+            raise RuntimeError(f"started by msrun ({msrun_world_size()} workers) but parallel=single: use "
+                               "parallel=data to train on all of them, or run without msrun")
+        _CONTEXT = ParallelContext("single", 0, 1)
+        return _CONTEXT
+    if parallel.mode == "data":
+        if role is None:
+            raise RuntimeError("parallel=data runs one process per device started by msrun, e.g. `msrun "
+                               "--worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun "
+                               "--join=True run.py parallel=data`; this process was not started by msrun "
+                               "(MS_ROLE is not set)")
+        from mindspore.communication import get_group_size, get_rank, init
+
+        if not _CONTEXT.distributed:
+            init()
+        if role == "MS_SCHED":  # the scheduler's init() returns only when the job is over
+            raise SystemExit(0)
+        rank, world = get_rank(), get_group_size()
+        ms.reset_auto_parallel_context()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                     device_num=world)
+        _CONTEXT = ParallelContext("data", rank, world)
+        if rank != 0:  # rank 0 alone reports; the others only warn
+            logging.getLogger().setLevel(logging.WARNING)
+        log.info("data parallel: rank %d of %d", rank, world)
+        return _CONTEXT
+    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data")
+
+
+def broadcast_params(params: Iterable) -> None:
+    """Give every rank rank 0's parameter values (no-op on one process).
+
+    Done as an AllReduce-sum of rank 0's values and zeros elsewhere: that collective exists on every
+    backend, including CPU where Broadcast does not.
+    """
+    ctx = get_parallel()
+    if not ctx.distributed:
+        return
+    import mindspore as ms
+    from mindspore import ops
+
+    reduce = ops.AllReduce()
+    for p in params:
+        value = p.data if ctx.is_main else ops.zeros_like(p.data)
+        if value.dtype == ms.bool_:
+            raise TypeError(f"cannot broadcast boolean parameter {p.name}")
+        p.set_data(reduce(value).astype(p.dtype))
+
+
+def ranks_in_sync(params: Iterable) -> bool:
+    """True when every parameter is bitwise identical on all ranks (always True on one process).
+
+    Each rank hashes each parameter's bytes (crc32, sent as two exact 16-bit halves) and the hashes
+    are all-gathered and compared. Every rank must call it (collective).
+    """
+    ctx = get_parallel()
+    if not ctx.distributed:
+        return True
+    import zlib
+
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    crcs = [zlib.crc32(np.ascontiguousarray(p.asnumpy()).tobytes()) for p in params]
+    halves = np.array([[c & 0xFFFF, c >> 16] for c in crcs], np.float32).reshape(-1)
+    gathered = ops.AllGather()(ms.Tensor(halves)).asnumpy().reshape(ctx.world_size, -1)
+    return bool((gathered == gathered[:1]).all())
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (an AllReduce of one number; no-op on one process)."""
+    if not get_parallel().distributed:
+        return
+    import mindspore as ms
+    from mindspore import ops
+
+    ops.AllReduce()(ms.Tensor([1.0], ms.float32)).asnumpy()
+
+
+def grad_reducer(weights) -> Optional["object"]:
+    """A cell averaging gradients over the ranks (None on one process)."""
+    ctx = get_parallel()
+    if not ctx.distributed:
+        return None
+    from mindspore import nn
+
+    return nn.DistributedGradReducer(weights, mean=True, degree=ctx.world_size)

@@ -1,0 +1,93 @@
+"""Sweep bookkeeping: each multirun job's returned metric, and the best one printed at the end.
+
+Registered in conf/config.yaml as a Hydra callback, so every `python run.py -m ...` (grid, ablation
+or Optuna search, see sweeps/) ends with a line like
+
+    sweep best: loss = 0.4212 (minimize) at job 1: optim.lr=0.0003 [2 jobs, outputs/multiruns/.../sweep_results.json]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "job_result.json"
+
+
+def metric_direction(metric: str) -> str:
+    """`minimize` for losses, `maximize` for everything else (accuracies, scores)."""
+    return "minimize" if "loss" in metric.lower() else "maximize"
+
+
+def best_job(results: list[dict], direction: str) -> Optional[dict]:
+    """The result with the best finite `value` (None when there is none)."""
+    finite = [r for r in results if isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
+    if not finite:
+        return None
+    pick = min if direction == "minimize" else max
+    return pick(finite, key=lambda r: r["value"])
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK_ID", "0") in ("", "0")
+
+
+class SweepBestCallback(Callback):
+    """Writes each multirun job's metric to `<job dir>/job_result.json`; at the end reads them all back
+    from the sweep directory, writes `sweep_results.json` there and prints the best.
+
+    direction: `minimize`, `maximize`, or null: task.metric_direction when the task sets it, else
+    inferred from task.metric (losses are minimised, anything else maximised).
+    """
+
+    def __init__(self, direction: Optional[str] = None):
+        if direction not in (None, "minimize", "maximize"):
+            raise ValueError(f"hydra.callbacks.sweep_best.direction={direction!r}: use minimize, maximize or null")
+        self.direction = direction
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN or not _is_main_rank():
+            return
+        status = getattr(job_return.status, "name", str(job_return.status))
+        value = job_return.return_value if status == "COMPLETED" else None
+        record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "status": status,
+                  "metric": str(config.task.get("metric", "value")) if config.get("task") else "value",
+                  "direction": config.task.get("metric_direction") if config.get("task") else None,
+                  "value": float(value) if isinstance(value, (int, float)) else None}
+        out = Path(hc.runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULT_FILE).write_text(json.dumps(record, indent=1))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _is_main_rank():
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        results = []
+        for path in sorted(sweep_dir.glob(f"*/{RESULT_FILE}")):
+            results.append(json.loads(path.read_text()))
+        results.sort(key=lambda r: r["job"])
+        if not results:
+            print(f"sweep best: no job results in {sweep_dir}", flush=True)
+            return
+        metric = results[0]["metric"]
+        direction = self.direction or results[0].get("direction") or metric_direction(metric)
+        best = best_job(results, direction)
+        summary = {"metric": metric, "direction": direction, "best": best, "jobs": results}
+        (sweep_dir / "sweep_results.json").write_text(json.dumps(summary, indent=1))
+        if best is None:
+            print(f"sweep best: no job returned a finite {metric} ({len(results)} jobs, {sweep_dir})", flush=True)
+            return
+        print(f"sweep best: {metric} = {best['value']:.6g} ({direction}) at job {best['job']}: "
+              f"{' '.join(best['overrides']) or '(no overrides)'} "
+              f"[{len(results)} jobs, {sweep_dir / 'sweep_results.json'}]", flush=True)

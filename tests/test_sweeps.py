@@ -1,0 +1,99 @@
+"""Sweeps (sweeps/*.yaml): each composes with its sweeper; W&B runs are grouped by sweep; the best job
+is picked in the right direction; (slow) a 2-point learning-rate sweep runs and prints its best."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict
+
+from conftest import CONF, ROOT
+from opensora.sweeps import best_job, metric_direction
+
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+
+
+def _cli(args, cwd, timeout=60):
+    env = {**os.environ, "PROJECT_ROOT": str(cwd), "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_sweep_files_compose_with_their_sweepers(tmp_path):
+    assert {"lr_grid", "ablate_precision_depth", "optuna_lr"} <= set(SWEEPS)
+    expect = {"lr_grid": ("BasicSweeper", {"optim.lr"}),
+              "ablate_precision_depth": ("BasicSweeper", {"precision", "model.depth"}),
+              "optuna_lr": ("OptunaSweeper", {"optim.lr", "optim.lr_schedule.warmup_steps", "optim.ema_decay"})}
+    for name in SWEEPS:
+        proc = _cli(["--config-dir", "sweeps", "--config-name", name, "--cfg", "hydra"], ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hydra = yaml.safe_load(proc.stdout)["hydra"]
+        target, params = expect[name]
+        assert hydra["sweeper"]["_target_"].endswith(target) and set(hydra["sweeper"]["params"]) == params
+        assert f"/multiruns/{name}_" in hydra["sweep"]["dir"]
+        assert hydra["callbacks"]["sweep_best"]["_target_"] == "opensora.sweeps.SweepBestCallback"
+
+
+def test_wandb_group_is_the_sweep_name_in_multirun_only():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.sweep.dir = "outputs/multiruns/lr_grid_2026-01-01_00-00-00"
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.runtime.output_dir = "outputs/multiruns/lr_grid_2026-01-01_00-00-00/0"
+        cfg.hydra.job.num = 0
+    run_cfg = copy.deepcopy(cfg)
+    with open_dict(run_cfg):
+        run_cfg.hydra.mode = RunMode.RUN
+    try:
+        HydraConfig.instance().set_config(cfg)
+        assert cfg.logger.group == "lr_grid_2026-01-01_00-00-00"
+        HydraConfig.instance().set_config(run_cfg)
+        assert run_cfg.logger.group is None
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_best_job_direction():
+    jobs = [{"job": 0, "value": 0.5}, {"job": 1, "value": float("nan")}, {"job": 2, "value": 0.25},
+            {"job": 3, "value": None}]
+    assert metric_direction("loss") == "minimize" and metric_direction("color_acc") == "maximize"
+    assert best_job(jobs, "minimize")["job"] == 2 and best_job(jobs, "maximize")["job"] == 0
+    assert best_job([{"job": 0, "value": None}], "minimize") is None
+
+
+TINY = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2",
+        "data.num_frames=4", "data.image_size=8", "data.dataset.num_samples=64", "task.eval=null",
+        "task.metric=loss"]
+
+
+@pytest.mark.slow
+def test_two_point_lr_sweep_runs_with_one_command_and_prints_the_best(tmp_path):
+    proc = _cli(["-m", "--config-dir", str(ROOT / "sweeps"), "--config-name", "lr_grid", "debug=fast",
+                 "logger=none", *TINY], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (sweep,) = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert sweep.name.startswith("lr_grid_")
+    results = json.loads((sweep / "sweep_results.json").read_text())
+    jobs = results["jobs"]
+    assert [[o for o in j["overrides"] if o.startswith("optim.lr=")] for j in jobs] == [["optim.lr=0.0003"],
+                                                                                       ["optim.lr=0.001"]]
+    assert all(j["status"] == "COMPLETED" and j["value"] > 0 for j in jobs)
+    best = min(jobs, key=lambda j: j["value"])
+    assert results["direction"] == "minimize" and results["best"] == best
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("sweep best:")]
+    assert line == [f"sweep best: loss = {best['value']:.6g} (minimize) at job {best['job']}: "
+                    f"{' '.join(best['overrides'])} [2 jobs, {sweep / 'sweep_results.json'}]"]
+    # each job returned the train task's metric: the final smoothed loss, also in its last checkpoint
+    for j in jobs:
+        ckpts = sweep / str(j["job"]) / "checkpoints"
+        state = json.loads((ckpts / (ckpts / "latest").read_text().strip() / "state.json").read_text())
+        assert state["loss_avg"] == pytest.approx(j["value"], rel=1e-12)
