@@ -232,6 +232,9 @@ def run(cfg: DictConfig) -> float:
                                     "(the run was killed before its first checkpoint, or this is not a run directory)")
         if par.is_main:
             warn_config_changes(cfg, out / "config_resolved.yaml")
+    elif ckpts.latest() is not None:  # e.g. a training stage's fixed directory: never mix two runs' checkpoints
+        raise FileExistsError(f"{out} already holds checkpoints of an earlier run (latest: {ckpts.latest().name}): "
+                              f"continue that run with resume={out}, or move the directory away to start over")
     if par.is_main:
         record_run(cfg, out)
 
