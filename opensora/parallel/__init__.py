@@ -1,10 +1,11 @@
 """Processes and devices: which rank this process is, collective set-up under msrun, and the helpers
 data parallelism needs (rank 0's weights on every rank, a gradient reducer, rank-0-only output).
+Sequence parallelism (frames split over ranks) is in `opensora.parallel.sequence`.
 
 Ranks are started by MindSpore's launcher, never by this project:
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun --join=True \\
-        run.py parallel=data
+        run.py parallel=data        # or parallel=sequence
 """
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ParallelContext:
+    """This process's place among the ranks. Under parallel=sequence the ranks form groups of
+    `sequence_size` consecutive ranks that share one batch and split its frames (`sequence_rank`: the
+    position in the group); the groups are data parallel (`data_rank` of `data_size`). In the other modes
+    sequence_size is 1, so data_rank/data_size are rank/world_size."""
+
     mode: str = "single"
     rank: int = 0
     world_size: int = 1
+    sequence_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -29,6 +36,18 @@ class ParallelContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sequence_rank(self) -> int:
+        return self.rank % self.sequence_size
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.sequence_size
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.sequence_size
 
 
 _CONTEXT = ParallelContext()
@@ -69,11 +88,11 @@ def init_parallel(parallel) -> ParallelContext:
                                "parallel=data to train on all of them, or run without msrun")
         _CONTEXT = ParallelContext("single", 0, 1)
         return _CONTEXT
-    if parallel.mode == "data":
+    if parallel.mode in ("data", "sequence"):
         if role is None:
-            raise RuntimeError("parallel=data runs one process per device started by msrun, e.g. `msrun "
+            raise RuntimeError(f"parallel={parallel.mode} runs one process per device started by msrun, e.g. `msrun "
                                "--worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun "
-                               "--join=True run.py parallel=data`; this process was not started by msrun "
+                               f"--join=True run.py parallel={parallel.mode}`; this process was not started by msrun "
                                "(MS_ROLE is not set)")
         from mindspore.communication import get_group_size, get_rank, init
 
@@ -82,15 +101,23 @@ def init_parallel(parallel) -> ParallelContext:
         if role == "MS_SCHED":  # the scheduler's init() returns only when the job is over
             raise SystemExit(0)
         rank, world = get_rank(), get_group_size()
+        # Gradients are averaged over all ranks in both modes (see opensora/parallel/sequence.py for why
+        # that is also the right scale when ranks hold parts of the same videos).
         ms.reset_auto_parallel_context()
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=world)
-        _CONTEXT = ParallelContext("data", rank, world)
+        if parallel.mode == "data":
+            _CONTEXT = ParallelContext("data", rank, world)
+        else:
+            from opensora.parallel.sequence import init_sequence_groups
+
+            _CONTEXT = init_sequence_groups(parallel, rank, world)
         if rank != 0:  # rank 0 alone reports; the others only warn
             logging.getLogger().setLevel(logging.WARNING)
-        log.info("data parallel: rank %d of %d", rank, world)
+        if parallel.mode == "data":
+            log.info("data parallel: rank %d of %d", rank, world)
         return _CONTEXT
-    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data")
+    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data, sequence")
 
 
 def broadcast_params(params: Iterable) -> None:

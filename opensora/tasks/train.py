@@ -20,6 +20,7 @@ from opensora.data import build_dataset
 from opensora.data.loader import BatchLoader, prepare_batch
 from opensora.logger import build_logger
 from opensora.parallel import barrier, broadcast_params, get_parallel, grad_reducer, ranks_in_sync
+from opensora.parallel.sequence import apply_sequence_parallel, frame_shard
 from opensora.tasks.common import build_model, build_text_encoder, generate, record_run, run_dir, save_samples, \
     score_samples
 from opensora.utils.checkpoint import CheckpointManager, load_params_into, load_state
@@ -239,8 +240,9 @@ def run(cfg: DictConfig) -> float:
         record_run(cfg, out)
 
     dataset = build_dataset(cfg)
-    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.rank,
-                         world_size=par.world_size, num_workers=int(cfg.data.get("num_workers", 0)),
+    # one data shard per data-parallel rank; the ranks of a sequence group share theirs
+    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.data_rank,
+                         world_size=par.data_size, num_workers=int(cfg.data.get("num_workers", 0)),
                          prefetch=int(cfg.data.get("prefetch", 2)), max_bad_fraction=cfg.data.get("max_bad_fraction", 0.1))
     # Cached embeddings (data.text_embed_folder / data.video_embed_folder) replace the text encoder / VAE.
     if not par.is_main:
@@ -251,6 +253,8 @@ def run(cfg: DictConfig) -> float:
         barrier()
     vae = None if cfg.data.get("video_embed_folder") else instantiate(cfg.vae)
     model = build_model(cfg)
+    if par.mode == "sequence":  # this rank computes its share of each video's frames
+        apply_sequence_parallel(model, par, cfg.parallel.sequence_attention)
     diffusion = instantiate(cfg.scheduler, num_sampling_steps=None)
 
     broadcast_params(named_params(model).values())  # every rank starts from rank 0's weights
@@ -307,11 +311,13 @@ def run(cfg: DictConfig) -> float:
         t_last, steps_since, overflows_in_row = time.perf_counter(), 0, 0
         while step < int(task.max_steps):
             x, emb = prepare_batch(next(batches), vae, text_encoder)
-            # drawn for the global batch on every rank; each rank takes its own rows
-            n, B = x.shape[0], x.shape[0] * par.world_size
+            # drawn for the global batch on every rank; each rank takes its own rows (and, under
+            # sequence parallelism, its own frames of the video and the noise)
+            n, B = x.shape[0], x.shape[0] * par.data_size
             t = global_slice(sample_timesteps(rng, B, diffusion.num_timesteps, task.timestep_sampling.kind,
-                                              float(task.timestep_sampling.power)), par.rank, n)
-            noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.rank, n)
+                                              float(task.timestep_sampling.power)), par.data_rank, n)
+            noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.data_rank, n)
+            x, noise = frame_shard(x, par), frame_shard(noise, par)
             lr = lr_at(step)
             lr_param.set_data(ms.Tensor(lr, ms.float32))
             loss, grad_norm, finite, scale = step_fn(ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise),
