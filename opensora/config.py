@@ -71,6 +71,18 @@ def check_precision(precision: Any, training: bool = True) -> None:
                              f"got {precision.loss_scale_factor} and {precision.loss_scale_window}")
 
 
+def check_sigma(cfg: Any) -> None:
+    """model.pred_sigma (2C output channels) and scheduler.learn_sigma (the loss/sampler reads them)
+    must agree; fail early naming both."""
+    model, scheduler = cfg.get("model"), cfg.get("scheduler")
+    if not model or not scheduler or "pred_sigma" not in model or "learn_sigma" not in scheduler:
+        return
+    if bool(model.pred_sigma) != bool(scheduler.learn_sigma):
+        raise ValueError(f"model.pred_sigma={model.pred_sigma} but scheduler.learn_sigma={scheduler.learn_sigma}: a "
+                         "model that predicts its variance needs a scheduler that learns it, and vice versa; set "
+                         "both to true (the original) or both to false")
+
+
 def check_parallel(parallel: Any) -> None:
     if parallel.mode not in PARALLEL_MODES:
         raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: {', '.join(PARALLEL_MODES)}")

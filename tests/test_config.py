@@ -77,3 +77,12 @@ def test_latent_size_rejects_indivisible_sizes(tmp_path):
     assert latent_size(8, [16, 32], [1, 2, 2]) == [8, 8, 16]
     with pytest.raises(ValueError, match="not divisible"):
         latent_size(16, 250, 8)
+
+
+def test_variance_settings_must_agree(tmp_path):
+    from opensora.config import check_sigma
+
+    check_sigma(compose_cfg([], tmp_path))
+    check_sigma(compose_cfg(["model.pred_sigma=false", "scheduler.learn_sigma=false"], tmp_path))
+    with pytest.raises(ValueError, match=r"model.pred_sigma=False but scheduler.learn_sigma=True"):
+        check_sigma(compose_cfg(["model.pred_sigma=false"], tmp_path))

@@ -356,6 +356,9 @@ def test_cfg_combination_semantics():
     got = forward_with_cfg(CfgProbe(p, q), x, t, y, None, y_null, 4.0, None).asnumpy()
     np.testing.assert_allclose(got[:, :c], uncond[:, :c] + 4.0 * (cond[:, :c] - uncond[:, :c]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[:, c:], cond[:, c:], rtol=1e-6)
+    # a model without learned variance ([2B, C] outputs): all C channels guided
+    got = forward_with_cfg(CfgProbe(p[:, :c], q[:, :c]), x, t, y, None, y_null, 4.0, None).asnumpy()
+    np.testing.assert_allclose(got, uncond[:, :c] + 4.0 * (cond[:, :c] - uncond[:, :c]), rtol=1e-5, atol=1e-5)
 
 
 class LinearCfgModel:

@@ -15,6 +15,7 @@ def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None):
     y's batch], the same text mask for both halves, t as int32 [2B]. The first `cfg_channel` channels
     (None: all C eps channels) become uncond + cfg_scale * (cond - uncond); the remaining eps
     channels and the variance channels are taken from the cond half (Open-Sora forward_with_cfg).
+    C is x's channel count, so this holds with a learned variance ([B, 2C] outputs) and without ([B, C]).
     """
     b = x.shape[0]
     x2 = ops.cat([x, x], axis=0)  # [B, C, ...] -> [2B, C, ...]
@@ -24,7 +25,7 @@ def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None):
     out = model(x2, t2, y=y2, mask=mask2)
     out = out.astype(ms.float32)  # [2B, 2C, ...]
     if cfg_channel is None:
-        cfg_channel = out.shape[1] // 2
+        cfg_channel = x.shape[1]
     cond, uncond = out[:b], out[b:]
     guided = uncond[:, :cfg_channel] + cfg_scale * (cond[:, :cfg_channel] - uncond[:, :cfg_channel])
     return ops.cat([guided, cond[:, cfg_channel:]], axis=1)

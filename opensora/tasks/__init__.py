@@ -16,11 +16,12 @@ def setup_runtime(cfg: DictConfig) -> None:
     compiled) and the ranks (msrun), and seed every RNG (the same seed on every rank)."""
     import mindspore as ms
 
-    from opensora.config import check_parallel, check_precision
+    from opensora.config import check_parallel, check_precision, check_sigma
     from opensora.model.precision import check_dtype_supported
     from opensora.parallel import init_parallel, msrun_role, msrun_world_size
 
     check_parallel(cfg.parallel)
+    check_sigma(cfg)
     if cfg.parallel.mode == "sequence":  # before any process group: msrun's scheduler fails alike
         from opensora.parallel.sequence import check_sequence_parallel
 
