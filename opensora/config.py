@@ -33,13 +33,19 @@ class PrecisionConfig:
 class ParallelConfig:
     """How processes and devices are used. `single`: one process, one device; `data`: data parallel
     over the ranks msrun starts (gradients averaged with AllReduce, one data shard per rank); `zero`:
-    `data` with the optimizer state (AdamW moments, EMA) sharded over the ranks (opensora/parallel/zero.py)."""
+    `data` with the optimizer state (AdamW moments, EMA) sharded over the ranks (opensora/parallel/zero.py);
+    `sequence`: each video's frames split over groups of `sequence_size` ranks (null: all of them),
+    data parallel across the groups; `sequence_attention` is how the temporal attention sees all
+    frames: `ulysses` (all-to-all from frames to heads), `allgather` (keys/values gathered) or `auto`
+    (ulysses on Ascend, allgather elsewhere). See opensora/parallel/sequence.py."""
 
     mode: str = "single"
     device_target: str = "CPU"
     jit_level: str = "O0"
     # MindSpore's memory_optimize_level: O0 or O1 (reuse of intermediate buffers)
     memory_optimize_level: str = "O0"
+    sequence_size: Optional[int] = None
+    sequence_attention: str = "auto"
     # Under msrun: how long a rank waits for the others where one can be far behind (rank-0-only
     # checkpoint writing and evaluation, graph compilation); CPU collectives themselves give up after 30 s.
     sync_timeout_s: float = 1800.0
@@ -47,7 +53,7 @@ class ParallelConfig:
 
 PRECISION_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_SCALES = (None, "dynamic", "static")
-PARALLEL_MODES = ("single", "data", "zero")
+PARALLEL_MODES = ("single", "data", "zero", "sequence")
 
 
 def check_precision(precision: Any, training: bool = True) -> None:

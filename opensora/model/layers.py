@@ -124,6 +124,18 @@ def scaled_dot_product_attention(q, k, v, scale, mask=None):
     return _BMM(attn, v)
 
 
+def attention(q, k, v, scale, use_flash=False):
+    """Self-attention core on [B, H, N, D] q and [B, H, L, D] k/v -> [B, H, N, D] in q's dtype: the fused
+    flash_attention_score kernel (Ascend; fp32 inputs run it in fp16) or `scaled_dot_product_attention`."""
+    if use_flash:
+        dtype = q.dtype
+        if dtype == ms.float32:  # the fused kernel takes fp16/bf16
+            q, k, v = ops.cast(q, ms.float16), ops.cast(k, ms.float16), ops.cast(v, ms.float16)
+        x = ops.flash_attention_score(q, k, v, q.shape[1], scalar_value=scale, input_layout="BNSD")
+        return ops.cast(x, dtype)
+    return scaled_dot_product_attention(q, k, v, scale)
+
+
 # ================================================================
 # Sine/cosine position embeddings (numpy, computed once; MAE / PixArt convention)
 # ================================================================

@@ -18,6 +18,7 @@ from .layers import (
     LayerNorm,
     Linear,
     Mlp,
+    attention,
     flash_attention_available,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
@@ -159,14 +160,7 @@ class Attention(nn.Cell):
         B, N, C = x.shape
         q, k, v = ops.split(self.qkv(x), C, axis=-1)  # 3 x [B, N, C]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, H, N, D]
-        if self.use_flash:
-            dtype = q.dtype
-            if dtype == ms.float32:  # the fused kernel takes fp16/bf16
-                q, k, v = ops.cast(q, ms.float16), ops.cast(k, ms.float16), ops.cast(v, ms.float16)
-            x = ops.flash_attention_score(q, k, v, self.num_heads, scalar_value=self.scale, input_layout="BNSD")
-            x = ops.cast(x, dtype)
-        else:
-            x = scaled_dot_product_attention(q, k, v, self.scale)  # [B, H, N, D]
+        x = attention(q, k, v, self.scale, self.use_flash)  # [B, H, N, D]
         x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
         return self.proj(x)
 
@@ -228,8 +222,10 @@ class STDiTBlock(nn.Cell):
 
     def construct(self, x, y, t0, mask=None, tpe=None):
         # x [B, N=T*S, C]; y [B, L, C]; t0 [B, 6*C]; mask [B, L] or None; tpe [1, T, C] or None
+        # (T: the frames this process holds: d_t, or its share under sequence parallelism)
         B, N, C = x.shape
-        T, S = self.d_t, self.d_s
+        S = self.d_s
+        T = N // S
         mod = ops.cast(self.scale_shift_table, x.dtype)[None] + t0.reshape(B, 6, C)  # [B, 6, C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)  # 6 x [B, 1, C]
 
@@ -375,15 +371,17 @@ class STDiT(nn.Cell):
         self.recompute_blocks = apply_recompute(self.blocks, recompute_blocks)
 
     def construct(self, x, timestep, y, mask=None, force_drop_ids=None):
-        B = x.shape[0]
+        # T: frames after patching in this call: num_temporal, or this rank's share of them under sequence
+        # parallelism (opensora/parallel/sequence.py), which also gives pos_embed_temporal those frames' rows
+        B, T = x.shape[0], x.shape[2] // self.patch_size[0]
         x = ops.cast(x, self.dtype)
         y = ops.cast(y, self.dtype)
 
         # embedding
         x = self.x_embedder(x)  # [B, C_in, T, H, W] -> [B, T*S, C]
-        x = x.reshape(B, self.num_temporal, self.num_spatial, self.hidden_size)  # [B, T, S, C]
+        x = x.reshape(B, T, self.num_spatial, self.hidden_size)  # [B, T, S, C]
         x = ops.cast(ops.cast(x, ms.float32) + self.pos_embed, self.dtype)  # position embedding added in fp32
-        x = x.reshape(B, self.num_patches, self.hidden_size)  # [B, T*S, C]
+        x = x.reshape(B, T * self.num_spatial, self.hidden_size)  # [B, T*S, C]
 
         t = self.t_embedder(timestep)  # [B, C], fp32
         t0 = ops.cast(self.t_block(t), self.dtype)  # [B, 6*C]
@@ -410,7 +408,8 @@ class STDiT(nn.Cell):
     def unpatchify(self, x):
         """[B, (Nt Nh Nw), (pt ph pw C_out)] -> [B, C_out, Nt*pt, Nh*ph, Nw*pw]."""
         B = x.shape[0]
-        nt, nh, nw = [self.input_size[i] // self.patch_size[i] for i in range(3)]
+        nh, nw = [self.input_size[i] // self.patch_size[i] for i in (1, 2)]
+        nt = x.shape[1] // (nh * nw)
         pt, ph, pw = self.patch_size
         c = self.out_channels
         x = x.reshape(B, nt, nh, nw, pt, ph, pw, c)

@@ -1,18 +1,19 @@
 """Processes and devices: which rank this process is, collective set-up under msrun, and the helpers
 data parallelism needs (rank 0's weights on every rank, a gradient reducer, rank-0-only output).
-Optimizer-state sharding (`parallel=zero`) is in `opensora.parallel.zero`.
+Optimizer-state sharding (`parallel=zero`) is in `opensora.parallel.zero`, sequence parallelism
+(frames split over ranks) in `opensora.parallel.sequence`.
 
 Ranks are started by MindSpore's launcher, never by this project:
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun --join=True \\
-        run.py parallel=data      # or parallel=zero
+        run.py parallel=data        # or parallel=zero, parallel=sequence
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -21,9 +22,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ParallelContext:
+    """This process's place among the ranks. Under parallel=sequence the ranks form groups of
+    `sequence_size` consecutive ranks that share one batch and split its frames (`sequence_rank`: the
+    position in the group); the groups are data parallel (`data_rank` of `data_size`). In the other modes
+    sequence_size is 1, so data_rank/data_size are rank/world_size."""
+
     mode: str = "single"
     rank: int = 0
     world_size: int = 1
+    sequence_size: int = 1
     # parallel=zero on Ascend: MindSpore's own parallel optimizer shards the state (opensora.parallel.zero)
     native_zero: bool = False
     # the same number on every rank of one job, different between jobs (names `sync_ranks` files)
@@ -38,6 +45,18 @@ class ParallelContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sequence_rank(self) -> int:
+        return self.rank % self.sequence_size
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.sequence_size
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.sequence_size
 
 
 _CONTEXT = ParallelContext()
@@ -78,7 +97,7 @@ def init_parallel(parallel) -> ParallelContext:
                                "parallel=data (or parallel=zero) to train on all of them, or run without msrun")
         _CONTEXT = ParallelContext("single", 0, 1)
         return _CONTEXT
-    if parallel.mode in ("data", "zero"):
+    if parallel.mode in ("data", "zero", "sequence"):
         mode = parallel.mode
         if role is None:
             raise RuntimeError(f"parallel={mode} runs one process per device started by msrun, e.g. `msrun "
@@ -98,6 +117,8 @@ def init_parallel(parallel) -> ParallelContext:
             raise RuntimeError(_zero_world_error(world))
         job = _job_number(rank)
         native = mode == "zero" and parallel.device_target == "Ascend"
+        # Gradients are averaged over all ranks in every mode (see opensora/parallel/sequence.py for why
+        # that is also the right scale when ranks hold parts of the same videos).
         ms.reset_auto_parallel_context()
         if native:
             from opensora.parallel.zero import configure_native
@@ -106,18 +127,23 @@ def init_parallel(parallel) -> ParallelContext:
         else:
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                          device_num=world)
-        _CONTEXT = ParallelContext(mode, rank, world, native_zero=native, job=job,
-                                   sync_timeout_s=float(parallel.get("sync_timeout_s", 1800.0)))
+        if mode == "sequence":
+            from opensora.parallel.sequence import init_sequence_groups
+
+            ctx = init_sequence_groups(parallel, rank, world)
+        else:
+            ctx = ParallelContext(mode, rank, world, native_zero=native)
+        _CONTEXT = replace(ctx, job=job, sync_timeout_s=float(parallel.get("sync_timeout_s", 1800.0)))
         if rank != 0:  # rank 0 alone reports; the others only warn
             logging.getLogger().setLevel(logging.WARNING)
         if mode == "zero":
             log.info("optimizer-state sharding (zero): rank %d of %d, %s", rank, world,
                      "MindSpore's parallel optimizer" if native else "AdamW state and EMA per owned parameter, "
                      "weights all-gathered after each update")
-        else:
+        elif mode == "data":
             log.info("data parallel: rank %d of %d", rank, world)
         return _CONTEXT
-    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data, zero")
+    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data, zero, sequence")
 
 
 def _job_number(rank: int) -> int:

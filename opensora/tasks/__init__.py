@@ -18,9 +18,13 @@ def setup_runtime(cfg: DictConfig) -> None:
 
     from opensora.config import check_parallel, check_precision
     from opensora.model.precision import check_dtype_supported
-    from opensora.parallel import init_parallel
+    from opensora.parallel import init_parallel, msrun_role, msrun_world_size
 
     check_parallel(cfg.parallel)
+    if cfg.parallel.mode == "sequence":  # before any process group: msrun's scheduler fails alike
+        from opensora.parallel.sequence import check_sequence_parallel
+
+        check_sequence_parallel(cfg, msrun_world_size() if msrun_role() else None)
     if cfg.get("precision") is not None:
         check_precision(cfg.precision, training=False)
     ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.parallel.device_target,

@@ -70,7 +70,15 @@ def build_model(cfg: DictConfig, with_pretrained: bool = True):
     if pretrained and with_pretrained:
         from opensora.model.pretrained import load_pretrained
 
+        if not Path(pretrained).exists():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained} does not exist: put the downloaded weights there, or, if it is an "
+                "earlier training stage's output (stage.init_from), run that stage first (its recipe is "
+                "conf/experiment/train_<stage>.yaml), or point model.pretrained at another checkpoint (null: random "
+                "initialisation)")
         load_pretrained(model, pretrained)
+    elif with_pretrained:
+        log.info("model.pretrained is null: the model starts from its random initialisation")
     return model
 
 

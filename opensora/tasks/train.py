@@ -20,6 +20,7 @@ from opensora.data import build_dataset
 from opensora.data.loader import BatchLoader, prepare_batch
 from opensora.logger import build_logger
 from opensora.parallel import broadcast_params, get_parallel, grad_reducer, ranks_in_sync, sync_ranks
+from opensora.parallel.sequence import apply_sequence_parallel, frame_shard
 from opensora.parallel.zero import MeanOverRanks, ShareWeights, ZeroState, log_state_sizes, native_full_values, \
     plan_shards
 from opensora.tasks.common import build_model, build_text_encoder, generate, record_run, run_dir, save_samples, \
@@ -294,12 +295,16 @@ def run(cfg: DictConfig) -> float:
                                     "(the run was killed before its first checkpoint, or this is not a run directory)")
         if par.is_main:
             warn_config_changes(cfg, out / "config_resolved.yaml")
+    elif ckpts.latest() is not None:  # e.g. a training stage's fixed directory: never mix two runs' checkpoints
+        raise FileExistsError(f"{out} already holds checkpoints of an earlier run (latest: {ckpts.latest().name}): "
+                              f"continue that run with resume={out}, or move the directory away to start over")
     if par.is_main:
         record_run(cfg, out)
 
     dataset = build_dataset(cfg)
-    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.rank,
-                         world_size=par.world_size, num_workers=int(cfg.data.get("num_workers", 0)),
+    # one data shard per data-parallel rank; the ranks of a sequence group share theirs
+    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.data_rank,
+                         world_size=par.data_size, num_workers=int(cfg.data.get("num_workers", 0)),
                          prefetch=int(cfg.data.get("prefetch", 2)), max_bad_fraction=cfg.data.get("max_bad_fraction", 0.1))
     # Under msrun, ranks wait for each other here where one may be far behind (files in the run directory).
     sync_dir = out / ".sync"
@@ -312,6 +317,8 @@ def run(cfg: DictConfig) -> float:
         sync_ranks(sync_dir, "shared-files")
     vae = None if cfg.data.get("video_embed_folder") else instantiate(cfg.vae)
     model = build_model(cfg)
+    if par.mode == "sequence":  # this rank computes its share of each video's frames
+        apply_sequence_parallel(model, par, cfg.parallel.sequence_attention)
     diffusion = instantiate(cfg.scheduler, num_sampling_steps=None)
 
     broadcast_params(named_params(model).values())  # every rank starts from rank 0's weights
@@ -384,12 +391,14 @@ def run(cfg: DictConfig) -> float:
         t_last, steps_since, overflows_in_row, compiled = time.perf_counter(), 0, 0, False
         while step < int(task.max_steps):
             x, emb = prepare_batch(next(batches), vae, text_encoder)
-            # drawn for the global batch on every rank; each rank takes its own rows
-            n, B = x.shape[0], x.shape[0] * par.world_size
+            # drawn for the global batch on every rank; each rank takes its own rows (and, under
+            # sequence parallelism, its own frames of the video and the noise)
+            n, B = x.shape[0], x.shape[0] * par.data_size
             t = global_slice(sample_timesteps(rng, B, diffusion.num_timesteps, task.timestep_sampling.kind,
-                                              float(task.timestep_sampling.power)), par.rank, n)
-            noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.rank, n)
-            drop = global_slice(rng.random(B) < drop_prob, par.rank, n) if drop_prob > 0 else np.zeros(n, bool)
+                                              float(task.timestep_sampling.power)), par.data_rank, n)
+            noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.data_rank, n)
+            drop = global_slice(rng.random(B) < drop_prob, par.data_rank, n) if drop_prob > 0 else np.zeros(n, bool)
+            x, noise = frame_shard(x, par), frame_shard(noise, par)
             lr = lr_at(step)
             lr_param.set_data(ms.Tensor(lr, ms.float32))
             inputs = (ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise), ms.Tensor(emb["y"]), ms.Tensor(emb["mask"]),
