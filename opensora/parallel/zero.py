@@ -312,7 +312,7 @@ def _as_tensors(arrays: Mapping[str, np.ndarray]) -> dict:
     return {k: ms.Tensor.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-def log_state_sizes(local_bytes: int, total_bytes: int, what: str, rank: int, world_size: int) -> list[int]:
+def log_state_sizes(local_bytes: int, total_bytes: int, what: str, rank: int, world_size: int) -> list[float]:
     """All-gather every rank's state size and log one line per rank on rank 0 (collective)."""
     mb = ops.AllGather()(ms.Tensor(np.array([local_bytes / 2**20], np.float32))).asnumpy()
     for r in range(world_size):
@@ -327,7 +327,9 @@ def log_state_sizes(local_bytes: int, total_bytes: int, what: str, rank: int, wo
 # state are sliced along dim 0 over the data-parallel ranks; the forward all-gathers the weight, the
 # backward reduce-scatters its gradient, and `ops.clip_by_global_norm` all-reduces the norm. Each rank
 # feeds its own batch slice (`dataset_strategy="data_parallel"`). Saving goes through MindSpore's
-# integrated save, which all-gathers the slices (`native_full_values`).
+# integrated save, which all-gathers the slices (`native_full_values`). Unverified for lack of a device:
+# whether the train step's logged grad_norm (its own sum of squares) is aggregated over the slices the
+# way clip_by_global_norm's is.
 
 def configure_native(world_size: int) -> None:
     """Ascend only: semi-auto parallel with MindSpore's parallel optimizer (ZeRO-1, 'level1')."""
