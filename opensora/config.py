@@ -32,7 +32,8 @@ class PrecisionConfig:
 @dataclass
 class ParallelConfig:
     """How processes and devices are used. `single`: one process, one device; `data`: data parallel
-    over the ranks msrun starts (gradients averaged with AllReduce, one data shard per rank);
+    over the ranks msrun starts (gradients averaged with AllReduce, one data shard per rank); `zero`:
+    `data` with the optimizer state (AdamW moments, EMA) sharded over the ranks (opensora/parallel/zero.py);
     `sequence`: each video's frames split over groups of `sequence_size` ranks (null: all of them),
     data parallel across the groups; `sequence_attention` is how the temporal attention sees all
     frames: `ulysses` (all-to-all from frames to heads), `allgather` (keys/values gathered) or `auto`
@@ -45,11 +46,14 @@ class ParallelConfig:
     memory_optimize_level: str = "O0"
     sequence_size: Optional[int] = None
     sequence_attention: str = "auto"
+    # Under msrun: how long a rank waits for the others where one can be far behind (rank-0-only
+    # checkpoint writing and evaluation, graph compilation); CPU collectives themselves give up after 30 s.
+    sync_timeout_s: float = 1800.0
 
 
 PRECISION_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_SCALES = (None, "dynamic", "static")
-PARALLEL_MODES = ("single", "data", "sequence")
+PARALLEL_MODES = ("single", "data", "zero", "sequence")
 
 
 def check_precision(precision: Any, training: bool = True) -> None:

@@ -633,6 +633,38 @@ def test_class_dropout_in_graph_mode():
     net.set_train(False)
 
 
+def test_force_drop_ids_choose_the_dropped_captions():
+    """Given ids (1 = drop) replace exactly those captions by y_embedding, in train and eval mode and
+    whatever class_dropout_prob is (the original CaptionEmbedder's force_drop_ids); the result is the
+    same on every call (no in-graph draw)."""
+    ms.set_seed(0)
+    net = STDiT(**TINY, class_dropout_prob=0.5)
+    randomize(net, seed=5)
+    B = 6
+    x, t, y, mask = inputs(batch=B, seed=6)
+    null_y = np.broadcast_to(_np(net.get_null_y()), y.shape).copy()
+    ids = np.array([1, 0, 0, 1, 1, 0], np.int32)
+    net.set_train(False)
+    expected = _np(net(*T_(x, t, np.where(ids[:, None, None, None] == 1, null_y, y), mask)))
+    assert np.abs(expected - _np(net(*T_(x, t, y, mask)))).max() > 1e-3  # dropping changes the output
+
+    eval_out = _np(net(*T_(x, t, y, mask), Tensor(ids)))
+    np.testing.assert_allclose(eval_out, expected, atol=1e-5)
+
+    net.set_train(True)
+
+    @ms.jit
+    def train_forward(x, t, y, mask, ids):
+        return net(x, t, y, mask, ids)
+
+    for _ in range(2):
+        np.testing.assert_allclose(_np(train_forward(*T_(x, t, y, mask), Tensor(ids))), expected, atol=1e-5)
+    none = _np(train_forward(*T_(x, t, y, mask), Tensor(np.zeros(B, np.int32))))
+    np.testing.assert_allclose(none, _np(net(*T_(x, t, y, mask), Tensor(np.zeros(B, np.int32)))), atol=1e-5)
+    net.set_train(False)
+    np.testing.assert_allclose(none, _np(net(*T_(x, t, y, mask))), atol=1e-5)  # all kept = the eval forward
+
+
 def test_fp16_compute_close_to_fp32():
     x, t, y, mask = T_(*inputs())
     outs = []

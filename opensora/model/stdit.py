@@ -102,7 +102,10 @@ class TimestepEmbedder(nn.Cell):
 class CaptionEmbedder(nn.Cell):
     """Text embeddings -> hidden, with classifier-free-guidance caption dropout in training.
 
-    y_embedding [L, caption_channels] is the (frozen) null caption.
+    y_embedding [L, caption_channels] is the (frozen) null caption. Which captions are dropped is drawn
+    in the graph with probability uncond_prob, or given by the caller as `force_drop_ids` [B] (1 = drop;
+    the train task draws them on the host for the global batch, so they do not depend on the number of
+    ranks). As in the original, given ids apply in eval mode too.
     """
 
     def __init__(self, in_channels, hidden_size, uncond_prob, token_num=120):
@@ -113,17 +116,21 @@ class CaptionEmbedder(nn.Cell):
         self.uncond_prob = uncond_prob
         self.uniform = ops.UniformReal()
 
-    def token_drop(self, caption):
-        """Replace each sample's whole caption by y_embedding with probability uncond_prob."""
+    def token_drop(self, caption, force_drop_ids=None):
+        """Replace each sample's whole caption by y_embedding: with probability uncond_prob, or where
+        force_drop_ids == 1."""
         B = caption.shape[0]
-        drop = self.uniform((B,)) < self.uncond_prob  # [B] bool
+        if force_drop_ids is None:
+            drop = self.uniform((B,)) < self.uncond_prob  # [B] bool
+        else:
+            drop = force_drop_ids == 1  # [B] bool
         null = ops.cast(self.y_embedding, caption.dtype)  # [L, C]
         return ops.where(drop.reshape(B, 1, 1, 1), null, caption)
 
-    def construct(self, caption, train):
+    def construct(self, caption, train, force_drop_ids=None):
         # caption [B, 1, L, C]
-        if train and self.uncond_prob > 0:
-            caption = self.token_drop(caption)
+        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
+            caption = self.token_drop(caption, force_drop_ids)
         return self.y_proj(caption)  # [B, 1, L, hidden]
 
 
@@ -273,8 +280,9 @@ class T2IFinalLayer(nn.Cell):
 class STDiT(nn.Cell):
     """Spatial-Temporal DiT of Open-Sora 1.0.
 
-    construct(x [B, C, T, H, W], timestep [B], y [B, 1, L, caption_channels], mask [B, L] or None)
-    -> [B, out_channels, T, H, W] float32 (channels [:C] = eps, [C:] = variance interpolation).
+    construct(x [B, C, T, H, W], timestep [B], y [B, 1, L, caption_channels], mask [B, L] or None,
+    force_drop_ids [B] or None) -> [B, out_channels, T, H, W] float32 (channels [:C] = eps, [C:] =
+    variance interpolation).
 
     dtype: compute dtype ("fp32", "fp16", "bf16") of activations and matmuls; parameters stay fp32
     (master weights) and are cast where used. LayerNorm, attention scores and softmax, the timestep
@@ -283,7 +291,8 @@ class STDiT(nn.Cell):
     recompute_blocks: gradient checkpointing (activations of a block are recomputed in the backward
     pass instead of stored): None = off, N = the first N blocks, "all" = every block.
     Caption dropout follows `self.training` (set_train): a function wrapped in ms.jit fixes the mode
-    it was compiled in, so compile train and eval steps separately.
+    it was compiled in, so compile train and eval steps separately. `force_drop_ids` (1 = replace the
+    caption by the null caption) overrides the random draw, in either mode.
     `no_temporal_pos_emb=True` skips the temporal position embedding (the v1.0.0 original stored
     this flag without using it; every released config leaves it False).
     """
@@ -361,7 +370,7 @@ class STDiT(nn.Cell):
         self.initialize_temporal()
         self.recompute_blocks = apply_recompute(self.blocks, recompute_blocks)
 
-    def construct(self, x, timestep, y, mask=None):
+    def construct(self, x, timestep, y, mask=None, force_drop_ids=None):
         # T: frames after patching in this call: num_temporal, or this rank's share of them under sequence
         # parallelism (opensora/parallel/sequence.py), which also gives pos_embed_temporal those frames' rows
         B, T = x.shape[0], x.shape[2] // self.patch_size[0]
@@ -377,7 +386,7 @@ class STDiT(nn.Cell):
         t = self.t_embedder(timestep)  # [B, C], fp32
         t0 = ops.cast(self.t_block(t), self.dtype)  # [B, 6*C]
         t = ops.cast(t, self.dtype)
-        y = self.y_embedder(y, self.training)  # [B, 1, L, C]
+        y = self.y_embedder(y, self.training, force_drop_ids)  # [B, 1, L, C]
         y = y.reshape(y.shape[0], -1, self.hidden_size)  # [B, L, C]
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1)  # [B, L]

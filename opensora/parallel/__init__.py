@@ -1,17 +1,20 @@
 """Processes and devices: which rank this process is, collective set-up under msrun, and the helpers
 data parallelism needs (rank 0's weights on every rank, a gradient reducer, rank-0-only output).
-Sequence parallelism (frames split over ranks) is in `opensora.parallel.sequence`.
+Optimizer-state sharding (`parallel=zero`) is in `opensora.parallel.zero`, sequence parallelism
+(frames split over ranks) in `opensora.parallel.sequence`.
 
 Ranks are started by MindSpore's launcher, never by this project:
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun --join=True \\
-        run.py parallel=data        # or parallel=sequence
+        run.py parallel=data        # or parallel=zero, parallel=sequence
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterable, Optional
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,12 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
     sequence_size: int = 1
+    # parallel=zero on Ascend: MindSpore's own parallel optimizer shards the state (opensora.parallel.zero)
+    native_zero: bool = False
+    # the same number on every rank of one job, different between jobs (names `sync_ranks` files)
+    job: int = 0
+    # how long `sync_ranks` waits for the other ranks (parallel.sync_timeout_s)
+    sync_timeout_s: float = 1800.0
 
     @property
     def is_main(self) -> bool:
@@ -85,15 +94,18 @@ def init_parallel(parallel) -> ParallelContext:
     if parallel.mode == "single":
         if role is not None:
             raise RuntimeError(f"started by msrun ({msrun_world_size()} workers) but parallel=single: use "
-                               "parallel=data to train on all of them, or run without msrun")
+                               "parallel=data (or parallel=zero) to train on all of them, or run without msrun")
         _CONTEXT = ParallelContext("single", 0, 1)
         return _CONTEXT
-    if parallel.mode in ("data", "sequence"):
+    if parallel.mode in ("data", "zero", "sequence"):
+        mode = parallel.mode
         if role is None:
-            raise RuntimeError(f"parallel={parallel.mode} runs one process per device started by msrun, e.g. `msrun "
+            raise RuntimeError(f"parallel={mode} runs one process per device started by msrun, e.g. `msrun "
                                "--worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=outputs/msrun "
-                               f"--join=True run.py parallel={parallel.mode}`; this process was not started by msrun "
-                               "(MS_ROLE is not set)")
+                               f"--join=True run.py parallel={mode}`; this process was not started by msrun "
+                               "(MS_ROLE is not set, world size 1)")
+        if mode == "zero" and msrun_world_size() < 2:
+            raise RuntimeError(_zero_world_error(msrun_world_size()))
         from mindspore.communication import get_group_size, get_rank, init
 
         if not _CONTEXT.distributed:
@@ -101,23 +113,52 @@ def init_parallel(parallel) -> ParallelContext:
         if role == "MS_SCHED":  # the scheduler's init() returns only when the job is over
             raise SystemExit(0)
         rank, world = get_rank(), get_group_size()
-        # Gradients are averaged over all ranks in both modes (see opensora/parallel/sequence.py for why
+        if mode == "zero" and world < 2:
+            raise RuntimeError(_zero_world_error(world))
+        job = _job_number(rank)
+        native = mode == "zero" and parallel.device_target == "Ascend"
+        # Gradients are averaged over all ranks in every mode (see opensora/parallel/sequence.py for why
         # that is also the right scale when ranks hold parts of the same videos).
         ms.reset_auto_parallel_context()
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                     device_num=world)
-        if parallel.mode == "data":
-            _CONTEXT = ParallelContext("data", rank, world)
+        if native:
+            from opensora.parallel.zero import configure_native
+
+            configure_native(world)
         else:
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                         device_num=world)
+        if mode == "sequence":
             from opensora.parallel.sequence import init_sequence_groups
 
-            _CONTEXT = init_sequence_groups(parallel, rank, world)
+            ctx = init_sequence_groups(parallel, rank, world)
+        else:
+            ctx = ParallelContext(mode, rank, world, native_zero=native)
+        _CONTEXT = replace(ctx, job=job, sync_timeout_s=float(parallel.get("sync_timeout_s", 1800.0)))
         if rank != 0:  # rank 0 alone reports; the others only warn
             logging.getLogger().setLevel(logging.WARNING)
-        if parallel.mode == "data":
+        if mode == "zero":
+            log.info("optimizer-state sharding (zero): rank %d of %d, %s", rank, world,
+                     "MindSpore's parallel optimizer" if native else "AdamW state and EMA per owned parameter, "
+                     "weights all-gathered after each update")
+        elif mode == "data":
             log.info("data parallel: rank %d of %d", rank, world)
         return _CONTEXT
-    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data, sequence")
+    raise ValueError(f"parallel.mode={parallel.mode!r} is not one of: single, data, zero, sequence")
+
+
+def _job_number(rank: int) -> int:
+    """A random number drawn by rank 0 and given to every rank (an AllReduce of it and zeros)."""
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    mine = int.from_bytes(os.urandom(3), "little") if rank == 0 else 0  # < 2**24: exact in float32
+    return int(ops.AllReduce()(ms.Tensor(np.array([mine], np.float32))).asnumpy()[0])
+
+
+def _zero_world_error(world: int) -> str:
+    return (f"parallel=zero shards the optimizer state over the ranks, but the world size is {world} (msrun "
+            f"--worker_num={world}): start msrun with --worker_num=2 or more, or use parallel=single on one device")
 
 
 def broadcast_params(params: Iterable) -> None:
@@ -162,7 +203,9 @@ def ranks_in_sync(params: Iterable) -> bool:
 
 
 def barrier() -> None:
-    """Wait until every rank gets here (an AllReduce of one number; no-op on one process)."""
+    """Wait until every rank gets here (an AllReduce of one number; no-op on one process).
+
+    On CPU a collective fails when a rank is more than 30 s late; use `sync_ranks` where one can be."""
     if not get_parallel().distributed:
         return
     import mindspore as ms
@@ -171,10 +214,49 @@ def barrier() -> None:
     ops.AllReduce()(ms.Tensor([1.0], ms.float32)).asnumpy()
 
 
-def grad_reducer(weights) -> Optional["object"]:
-    """A cell averaging gradients over the ranks (None on one process)."""
+_SYNCED: list = []  # files of the previous sync_ranks call
+
+
+def sync_ranks(folder, tag: str) -> None:
+    """Wait until every rank has reached `tag` (a name used once per job), for up to
+    parallel.sync_timeout_s; no-op on one process.
+
+    MindSpore's CPU collectives give up when a peer is more than 30 s late (measured: an AllReduce
+    fails after 30.0 s), which rank-0-only work (building the text encoder, writing a checkpoint,
+    evaluating) and uneven graph compilation exceed easily. This barrier goes through empty files in
+    `folder`, which every rank must see (the run directory), so it can wait as long as needed. Rank 0
+    removes the previous barrier's files (every rank has left it once all reach this one).
+    """
     ctx = get_parallel()
     if not ctx.distributed:
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{ctx.job}-{tag}-rank{r}" for r in range(ctx.world_size)]
+    files[ctx.rank].touch()
+    deadline = time.monotonic() + ctx.sync_timeout_s
+    while True:
+        missing = [r for r, f in enumerate(files) if not f.exists()]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {ctx.rank} waited {ctx.sync_timeout_s:g} s (parallel.sync_timeout_s) at "
+                               f"'{tag}' for rank(s) {missing}, which never got there (files in {folder}); raise "
+                               "parallel.sync_timeout_s if they are only slow")
+        time.sleep(0.05)
+    if ctx.is_main:
+        if not _SYNCED:  # first sync of this job: files of earlier jobs in this folder
+            _SYNCED.extend(f for f in folder.iterdir() if not f.name.startswith(f"{ctx.job}-"))
+        for f in _SYNCED:
+            f.unlink(missing_ok=True)
+        _SYNCED[:] = files
+
+
+def grad_reducer(weights) -> Optional["object"]:
+    """A cell averaging gradients over the ranks (None on one process, and under MindSpore's own parallel
+    optimizer, where the framework inserts the gradient communication)."""
+    ctx = get_parallel()
+    if not ctx.distributed or ctx.native_zero:
         return None
     from mindspore import nn
 

@@ -27,8 +27,8 @@ dividing by sp gives the gradient of the full-video loss. With data-parallel gro
 gradient of the global batch is the mean over the groups of that, i.e. the mean of the parameter
 gradients over all ranks - exactly the AllReduce-mean data parallelism already does.
 
-Caption dropout (in the graph) draws from the global seed, which every rank sets alike, in a model
-built the same way on every rank, so all ranks of a group drop the same captions.
+Caption dropout is decided on the host for the global batch and sliced by data rank (the train task
+passes the decisions to the model as `force_drop_ids`), so all ranks of a group drop the same captions.
 
 CPU (MindSpore 2.10): collectives exist only on the world group and there is no AlltoAll or
 ReduceScatter. The gather used here differentiates with AllReduce + slice instead of MindSpore's

@@ -19,8 +19,10 @@ from opensora.config import check_precision
 from opensora.data import build_dataset
 from opensora.data.loader import BatchLoader, prepare_batch
 from opensora.logger import build_logger
-from opensora.parallel import barrier, broadcast_params, get_parallel, grad_reducer, ranks_in_sync
+from opensora.parallel import broadcast_params, get_parallel, grad_reducer, ranks_in_sync, sync_ranks
 from opensora.parallel.sequence import apply_sequence_parallel, frame_shard
+from opensora.parallel.zero import MeanOverRanks, ShareWeights, ZeroState, log_state_sizes, native_full_values, \
+    plan_shards
 from opensora.tasks.common import build_model, build_text_encoder, generate, record_run, run_dir, save_samples, \
     score_samples
 from opensora.utils.checkpoint import CheckpointManager, load_params_into, load_state
@@ -29,15 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class DiffusionLoss(nn.Cell):
-    """Mean IDDPM training loss (MSE on eps + VLB) of `model` for given x0, t and noise."""
+    """Mean IDDPM training loss (MSE on eps + VLB) of `model` for given x0, t and noise; drop_ids [B]
+    (1 = train that sample on the null caption) or None for the model's own random caption dropout."""
 
     def __init__(self, model: nn.Cell, diffusion):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
 
-    def construct(self, x, t, noise, y, mask):
-        terms = self.diffusion.training_losses(self.model, x, t, model_kwargs={"y": y, "mask": mask}, noise=noise)
+    def construct(self, x, t, noise, y, mask, drop_ids=None):
+        kwargs = {"y": y, "mask": mask, "force_drop_ids": drop_ids}
+        terms = self.diffusion.training_losses(self.model, x, t, model_kwargs=kwargs, noise=noise)
         return terms["loss"].mean()
 
 
@@ -61,16 +65,27 @@ class TrainStep(nn.Cell):
     finite changes no weight, optimiser state or EMA; it is counted (`skipped_steps`) and, with a
     dynamic scale, halves the scale. After `scale_window` finite steps in a row the scale doubles.
 
+    With `share` (parallel=zero, opensora.parallel.zero) the optimiser and `ema` cover only the
+    parameters this rank owns: loss and gradients are averaged in one flat AllReduce (`MeanOverRanks`,
+    in place of `grad_reducer`), the clipped full gradient is cut down to the owned parameters, and
+    after the update `share` all-gathers the owners' weights so every rank holds the whole model.
+
     loss_scale: None, or {"kind": "dynamic" | "static", "value", "factor", "window"}.
     Returns (loss, grad_norm, grads_finite, loss_scale used); loss is the mean over ranks.
     """
 
     def __init__(self, loss_net: nn.Cell, optimizer, grad_clip: float, ema: Optional[ms.ParameterTuple],
                  ema_decay: float, loss_scale: Optional[dict] = None, grad_reducer: Optional[nn.Cell] = None,
-                 world_size: int = 1):
+                 world_size: int = 1, share: Optional[ShareWeights] = None):
         super().__init__()
         self.optimizer = optimizer
-        self.weights = optimizer.parameters
+        self.share = share
+        self.sharded = share is not None
+        self.weights = share.weights if self.sharded else optimizer.parameters  # all trainable parameters
+        self.own = share.own if self.sharded else ()  # indices (into weights) of those this rank updates
+        # the weights the optimiser and the EMA update, in the optimiser's order
+        self.own_weights = ms.ParameterTuple([self.weights[i] for i in self.own]) if self.sharded else self.weights
+        self.average = MeanOverRanks(self.weights, world_size) if self.sharded else None
         self.grad_clip = float(grad_clip) if grad_clip else 0.0
         self.ema = ema
         self.use_ema = ema is not None
@@ -101,10 +116,12 @@ class TrainStep(nn.Cell):
 
     def apply(self, grads):
         if self.grad_clip > 0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip)
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)  # norm of the full gradient
+        if self.sharded:
+            grads = tuple([grads[i] for i in self.own])
         self.optimizer(grads)
         if self.use_ema:
-            for e, w in zip(self.ema, self.weights):
+            for e, w in zip(self.ema, self.own_weights):
                 ops.assign(e, e * self.decay + w * (1.0 - self.decay))
         return True
 
@@ -114,7 +131,9 @@ class TrainStep(nn.Cell):
             (_, loss), grads = self.grad_fn(scale, *inputs)
         else:
             loss, grads = self.grad_fn(*inputs)
-        if self.distributed:
+        if self.sharded:
+            loss, grads = self.average(loss, grads)  # mean over ranks
+        elif self.distributed:
             grads = self.reducer(grads)  # mean over ranks
             loss = self.allreduce(loss) / self.world
         if self.scaling:
@@ -136,6 +155,8 @@ class TrainStep(nn.Cell):
                 ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
         else:
             self.apply(grads)
+        if self.sharded:  # after skipped steps too: then it rewrites unchanged values
+            self.share()
         return loss, grad_norm, finite, scale
 
 
@@ -164,27 +185,43 @@ def named_params(cell: nn.Cell) -> dict[str, ms.Parameter]:
     return dict(cell.parameters_and_names())
 
 
-def make_ema(model: nn.Cell) -> dict[str, ms.Parameter]:
-    """fp32 copies of the trainable parameters, keyed like the model's."""
+def make_ema(model: nn.Cell, names: Optional[list[str]] = None) -> dict[str, ms.Parameter]:
+    """fp32 copies of the trainable parameters (or of those in `names`), keyed like the model's."""
     return {n: ms.Parameter(p.data.copy().astype(ms.float32), name=f"ema.{n}", requires_grad=False)
-            for n, p in named_params(model).items() if p.requires_grad}
+            for n, p in named_params(model).items() if p.requires_grad and (names is None or n in names)}
 
 
 def build_train_step(cfg: DictConfig, model: nn.Cell, diffusion):
     """AdamW, the fp32 EMA and the TrainStep for `model` as configured (optim, precision, parallel).
 
     Returns (step_fn, optimizer, model_params, ema); model_params/ema are {name: Parameter} keyed
-    like the model's checkpoint.
+    like the model's checkpoint. Under parallel=zero (CPU path) the optimiser and the EMA hold only
+    this rank's parameters, and `step_fn.zero_state` (a ZeroState) assembles the full state; it is
+    None otherwise.
     """
-    optimizer = instantiate(cfg.optim.optimizer)(model.trainable_params())
-    ema = make_ema(model) if cfg.optim.ema_decay else None
+    par = get_parallel()
     model_params = named_params(model)  # taken before nesting renames Parameter.name
-    # EMA entries in the order of the optimiser's weights, which the train step zips them with.
-    ema_tuple = ms.ParameterTuple([ema[n] for n, p in model_params.items() if p.requires_grad]) if ema else None
+    names = [n for n, p in model_params.items() if p.requires_grad]  # the optimiser's order
+    weights = [model_params[n] for n in names]
+    make_optimizer = instantiate(cfg.optim.optimizer)
+    zero_state, share = None, None
+    if par.mode == "zero" and not par.native_zero:
+        plan = plan_shards([p.size for p in weights], par.world_size)
+        zero_state = ZeroState(plan, par.rank, names, weights)  # with the optimiser: records Parameter names
+        optimizer = make_optimizer([weights[i] for i in zero_state.own])
+        share = ShareWeights(weights, plan, par.rank)
+        ema = make_ema(model, zero_state.own_names) if cfg.optim.ema_decay else None
+    else:
+        optimizer = make_optimizer(weights)
+        ema = make_ema(model) if cfg.optim.ema_decay else None
+    # EMA entries in the order of the weights the optimiser updates, which the train step zips them with.
+    ema_tuple = ms.ParameterTuple([ema[n] for n in names if n in ema]) if ema else None
     step_fn = TrainStep(DiffusionLoss(model, diffusion), optimizer, cfg.optim.grad_clip, ema_tuple,
                         cfg.optim.ema_decay, loss_scale=loss_scale_settings(cfg.get("precision")),
-                        grad_reducer=grad_reducer(optimizer.parameters), world_size=get_parallel().world_size)
+                        grad_reducer=None if share is not None else grad_reducer(optimizer.parameters),
+                        world_size=par.world_size, share=share)
     step_fn.set_train(True)
+    step_fn.zero_state = zero_state
     return step_fn, optimizer, model_params, ema
 
 
@@ -197,6 +234,31 @@ def global_slice(draw, rank: int, per_rank: int):
 def optimizer_state(optimizer, weights) -> dict[str, ms.Parameter]:
     own = {id(w) for w in weights}
     return {n: p for n, p in optimizer.parameters_and_names() if id(p) not in own}
+
+
+def full_training_state(step_fn, model_params: dict, ema: Optional[dict], opt_state: Optional[dict], scratch_dir: Path,
+                        keep: bool = True):
+    """(model, EMA, optimiser state) as whole tensors {key: value}, whatever the parallel mode.
+
+    Under parallel=zero the values are assembled from the ranks that own them, so every rank must call
+    this at the same point; ranks with keep=False take part but get the local values back. opt_state
+    None: the optimiser state is not needed (not gathered).
+    """
+    par = get_parallel()
+    if par.native_zero:  # Ascend: MindSpore's slices, merged by its integrated save
+        groups = native_full_values(step_fn, [model_params, ema or {}, opt_state or {}],
+                                    str(scratch_dir / f".tmp-gather-rank{par.rank}.ckpt"))
+        return groups[0], (groups[1] if ema is not None else None), (groups[2] if opt_state is not None else None)
+    zero = step_fn.zero_state
+    if zero is None or not keep:
+        if zero is not None:  # take part in the collectives
+            if ema is not None:
+                zero.full_ema(ema, keep=False)
+            if opt_state is not None:
+                zero.full_optimizer_state(opt_state, keep=False)
+        return model_params, ema, opt_state
+    return (model_params, zero.full_ema(ema) if ema is not None else None,
+            zero.full_optimizer_state(opt_state) if opt_state is not None else None)
 
 
 def warn_config_changes(cfg: DictConfig, saved_path: Path) -> None:
@@ -244,13 +306,15 @@ def run(cfg: DictConfig) -> float:
     loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=par.data_rank,
                          world_size=par.data_size, num_workers=int(cfg.data.get("num_workers", 0)),
                          prefetch=int(cfg.data.get("prefetch", 2)), max_bad_fraction=cfg.data.get("max_bad_fraction", 0.1))
+    # Under msrun, ranks wait for each other here where one may be far behind (files in the run directory).
+    sync_dir = out / ".sync"
     # Cached embeddings (data.text_embed_folder / data.video_embed_folder) replace the text encoder / VAE.
-    if not par.is_main:
-        barrier()  # rank 0 first writes what the run directory shares (tokenizer, text encoder)
+    if not par.is_main:  # rank 0 first writes what the run directory shares (tokenizer, text encoder)
+        sync_ranks(sync_dir, "shared-files")
     text_encoder = None if cfg.data.get("text_embed_folder") else \
         build_text_encoder(cfg, captions=getattr(dataset, "captions", None))
     if par.is_main:
-        barrier()
+        sync_ranks(sync_dir, "shared-files")
     vae = None if cfg.data.get("video_embed_folder") else instantiate(cfg.vae)
     model = build_model(cfg)
     if par.mode == "sequence":  # this rank computes its share of each video's frames
@@ -264,6 +328,12 @@ def run(cfg: DictConfig) -> float:
     lr_param = optimizer.param_groups[0]["lr"]
     opt_state = optimizer_state(optimizer, step_fn.weights)
     scale_state = step_fn.scale_state()
+    if step_fn.zero_state is not None:  # what each rank holds, from its own optimiser and EMA
+        log_state_sizes(*step_fn.zero_state.state_bytes(opt_state), "optimizer state", par.rank, par.world_size)
+        if ema is not None:
+            log_state_sizes(*step_fn.zero_state.ema_bytes(ema), "EMA", par.rank, par.world_size)
+    # caption dropout: drawn on the host for the global batch, like timesteps and noise
+    drop_prob = float(getattr(model.y_embedder, "uncond_prob", 0.0) or 0.0)
 
     step, wandb_id, loss_avg = 0, None, None
     rng = np.random.default_rng(int(cfg.seed))
@@ -278,7 +348,7 @@ def run(cfg: DictConfig) -> float:
         step, wandb_id, loss_avg = int(state["step"]), state.get("wandb_run_id"), state.get("loss_avg")
         loader.load_state(state["data"])
         rng.bit_generator.state = state["rng"]
-        ms.set_seed(int(cfg.seed) + step)  # fresh, deterministic stream for in-graph randomness (caption dropout)
+        ms.set_seed(int(cfg.seed) + step)  # fresh, deterministic stream for op randomness (e.g. VAE latent sampling)
         log.info("resumed from %s at step %d", resume_from, step)
 
     logger = build_logger(cfg, resume_id=wandb_id, rank=par.rank)
@@ -288,27 +358,37 @@ def run(cfg: DictConfig) -> float:
 
         def save(at_step: int) -> None:
             saved_at[0] = at_step
-            if par.distributed:  # rank 0 writes the checkpoint for all: check they hold the same weights
+            if par.distributed and not par.native_zero:  # rank 0 writes for all: check they hold the same weights
                 if not ranks_in_sync(model_params.values()):
                     raise RuntimeError(f"step {at_step}: the model weights differ between the {par.world_size} "
                                        "ranks (data-parallel replicas diverged); not saving a checkpoint")
                 log.info("step %d: weights identical on all %d ranks", at_step, par.world_size)
-            if not par.is_main:
-                return
-            # The EMA file holds a whole model (frozen buffers included), so it loads like model.ckpt.
-            ckpts.save(at_step, model_params, {**model_params, **ema} if ema is not None else None,
-                       {**opt_state, **scale_state} if step_fn.scaling else opt_state,
-                       {"data": loader.state(), "rng": rng.bit_generator.state, "wandb_run_id": logger.run_id,
-                        "loss_avg": loss_avg, "seed": int(cfg.seed)})
+            # under zero: the owners' optimiser state and EMA, gathered (all ranks take part)
+            model_out, ema_out, opt_out = full_training_state(
+                step_fn, model_params, ema, {**opt_state, **scale_state} if step_fn.scaling else opt_state, out,
+                keep=par.is_main)
+            if par.is_main:
+                # The EMA file holds a whole model (frozen buffers included), so it loads like model.ckpt.
+                ckpts.save(at_step, model_out, {**model_out, **ema_out} if ema_out is not None else None, opt_out,
+                           {"data": loader.state(), "rng": rng.bit_generator.state, "wandb_run_id": logger.run_id,
+                            "loss_avg": loss_avg, "seed": int(cfg.seed)})
+            sync_ranks(sync_dir, f"saved-{at_step}")
 
-        evaluator = None
-        if par.is_main and task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"):
-            evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger)
-        eval_every = int(task.eval.get("every", 0) or 0) if task.get("eval") else 0
+        # decided on every rank alike: under zero, evaluation first gathers the EMA from all ranks
+        eval_enabled = bool(task.get("eval") and cfg.data.get("evaluator") and hasattr(dataset, "heldout_prompts"))
+        evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger) \
+            if eval_enabled and par.is_main else None
+        eval_every = int(task.eval.get("every", 0) or 0) if eval_enabled else 0
+
+        def evaluate(at_step: int) -> dict:
+            model_out, ema_out, _ = full_training_state(step_fn, model_params, ema, None, out, keep=par.is_main)
+            scores = evaluator(model_out, ema_out, at_step) if evaluator is not None else {}
+            sync_ranks(sync_dir, f"evaluated-{at_step}")
+            return scores
         batches = iter(loader)
         bar = tqdm(total=int(task.max_steps), initial=step, desc="train", dynamic_ncols=True,
                    disable=not par.is_main)
-        t_last, steps_since, overflows_in_row = time.perf_counter(), 0, 0
+        t_last, steps_since, overflows_in_row, compiled = time.perf_counter(), 0, 0, False
         while step < int(task.max_steps):
             x, emb = prepare_batch(next(batches), vae, text_encoder)
             # drawn for the global batch on every rank; each rank takes its own rows (and, under
@@ -317,11 +397,19 @@ def run(cfg: DictConfig) -> float:
             t = global_slice(sample_timesteps(rng, B, diffusion.num_timesteps, task.timestep_sampling.kind,
                                               float(task.timestep_sampling.power)), par.data_rank, n)
             noise = global_slice(rng.standard_normal((B, *x.shape[1:])).astype(np.float32), par.data_rank, n)
+            drop = global_slice(rng.random(B) < drop_prob, par.data_rank, n) if drop_prob > 0 else np.zeros(n, bool)
             x, noise = frame_shard(x, par), frame_shard(noise, par)
             lr = lr_at(step)
             lr_param.set_data(ms.Tensor(lr, ms.float32))
-            loss, grad_norm, finite, scale = step_fn(ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise),
-                                                     ms.Tensor(emb["y"]), ms.Tensor(emb["mask"]))
+            inputs = (ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise), ms.Tensor(emb["y"]), ms.Tensor(emb["mask"]),
+                      ms.Tensor(drop.astype(np.int32)))
+            if not compiled and par.distributed:
+                # ranks finish compiling at different times (under zero each compiles its own graph): compile,
+                # then meet, so the step's first collective does not wait out CPU collectives' 30 s limit
+                step_fn.compile(*inputs)
+                sync_ranks(sync_dir, "train-step-compiled")
+            compiled = True
+            loss, grad_norm, finite, scale = step_fn(*inputs)
             loss, grad_norm, finite = float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
             if not finite:  # only with a loss scale: the step was skipped and counted
                 overflows_in_row += 1
@@ -355,8 +443,8 @@ def run(cfg: DictConfig) -> float:
                 logger.log(logs, step=step)
             if int(task.ckpt_every) > 0 and step % int(task.ckpt_every) == 0:
                 save(step)
-            if evaluator is not None and eval_every > 0 and step % eval_every == 0 and step < int(task.max_steps):
-                evaluator(model_params, ema, step)
+            if eval_every > 0 and step % eval_every == 0 and step < int(task.max_steps):
+                evaluate(step)
         bar.close()
         # decided from this process's own record, not the files, so all ranks agree (save is collective)
         if int(task.ckpt_every) > 0 and saved_at[0] != step:
@@ -368,11 +456,12 @@ def run(cfg: DictConfig) -> float:
                         next(iter(loader.bad_samples), "?"))
         if step_fn.scaling:
             metrics["train/skipped_steps"] = int(step_fn.skipped_steps.asnumpy())
-        if evaluator is not None:
-            metrics.update(evaluator(model_params, ema, step))
+        if eval_enabled:
+            metrics.update(evaluate(step))
         logger.summary(metrics)
         for k, v in metrics.items():
             log.info("%s = %s", k, v)
+        sync_ranks(sync_dir, "done")  # no rank leaves while another may still be receiving from it
         exit_code = 0
     finally:
         loader.close()
