@@ -83,6 +83,6 @@ def test_variance_settings_must_agree(tmp_path):
     from opensora.config import check_sigma
 
     check_sigma(compose_cfg([], tmp_path))
-    check_sigma(compose_cfg(["model.pred_sigma=false", "scheduler.learn_sigma=false"], tmp_path))
-    with pytest.raises(ValueError, match=r"model.pred_sigma=False but scheduler.learn_sigma=True"):
-        check_sigma(compose_cfg(["model.pred_sigma=false"], tmp_path))
+    check_sigma(compose_cfg(["model.pred_sigma=true", "scheduler.learn_sigma=true"], tmp_path))
+    with pytest.raises(ValueError, match=r"model.pred_sigma=True but scheduler.learn_sigma=False"):
+        check_sigma(compose_cfg(["model.pred_sigma=true"], tmp_path))

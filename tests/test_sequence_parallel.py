@@ -136,7 +136,7 @@ def test_temporal_attention_on_virtual_ranks_equals_attention_over_all_frames(ki
 
 
 def _cfg(tmp_path, *overrides):
-    return compose_cfg(["parallel=sequence", "model.hidden_size=32", *overrides], tmp_path)
+    return compose_cfg(["parallel=sequence", "model.hidden_size=32", "model.patch_size=[1,3,3]", *overrides], tmp_path)
 
 
 def test_start_up_checks_name_both_settings(tmp_path):
@@ -240,7 +240,7 @@ def test_msrun_sequence_parallel_training_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_bad_sequence_settings_stop_msrun_at_start_up(tmp_path):
-    proc, logs, _ = _msrun(tmp_path, 2, [str(ROOT / "run.py"), "parallel=sequence", "data.num_frames=3", "logger=none"])
+    proc, logs, _ = _msrun(tmp_path, 2, [str(ROOT / "run.py"), "parallel=sequence", "data.num_frames=3", "model.patch_size=[1,3,3]", "logger=none"])
     assert proc.returncode != 0
     text = proc.stdout + "".join(logs.values())
     assert "parallel.sequence_size=2 does not divide the 3 frames after patching" in text
