@@ -72,7 +72,7 @@ def test_benchmark_task_prints_table_and_appends_json(tmp_path):
     results = tmp_path / "bench.jsonl"
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1"}
     args = ["task=benchmark", "logger=none", "model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]",
-            "model.num_heads=2", "data.num_frames=4", "data.image_size=8", "data.batch_size=2", "task.steps=2",
+            "model.num_heads=2", "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1", "data.batch_size=2", "task.steps=2",
             "task.warmup_steps=1", "task.matmul_size=256", f"task.results_file={results}"]
     for run in range(2):
         proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env,
@@ -83,7 +83,7 @@ def test_benchmark_task_prints_table_and_appends_json(tmp_path):
     assert len(lines) == 2  # appended, not overwritten
     r = lines[-1]
     assert r["tokens_per_sample"] == 4 * 4 * 4 and r["batch_size_per_rank"] == 2 and r["world_size"] == 1
-    assert r["train_flops_per_step"] == 3 * stdit_matmul_flops(2, (4, 8, 8), (1, 2, 2), 3, 6, 32, 1, 4.0, 64, 8)
+    assert r["train_flops_per_step"] == 3 * stdit_matmul_flops(2, (4, 8, 8), (1, 2, 2), 3, 3, 32, 1, 4.0, 64, 8)
     for key in ("train_step_s", "sample_step_s", "train_compile_s", "matmul_peak_flops_per_s", "peak_host_memory_mib"):
         assert r[key] > 0, key
     assert r["train_samples_per_s"] == pytest.approx(2 / r["train_step_s"])

@@ -18,9 +18,9 @@ from opensora.logger.wandb import read_offline_run
 pytestmark = pytest.mark.slow
 
 # A tiny, fast training setup shared by the runs below.
-SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2", "data.num_frames=4", "data.image_size=8",
+SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2", "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1",
          "data.batch_size=4", "data.dataset.num_samples=64", "scheduler.num_sampling_steps=3"]
-TINY = [*SMALL, "task.eval.batch_size=8", "task.eval.upscale=2"]
+TINY = [*SMALL, "task.eval.num_samples_per_prompt=1", "task.eval.batch_size=8", "task.eval.upscale=2"]
 
 
 def run_cli(args, tmp_path, check=True, timeout=600, popen=False):

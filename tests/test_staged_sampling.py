@@ -38,7 +38,7 @@ def tiny_overrides(assets: Path) -> list[str]:
     clip_denoised keeps the samples of the random tiny model inside [-1, 1] (they would saturate)."""
     return ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", f"model.caption_channels={T5_DIM}",
             f"model.model_max_length={T5_LEN}", f"model.pretrained={assets / 'stdit.ckpt'}",
-            "data.num_frames=4", "data.image_size=8", "vae=identity",
+            "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1", "vae=identity",
             f"text_encoder.from_pretrained={assets / 't5'}", f"text_encoder.output_dim={T5_DIM}",
             f"text_encoder.model_max_length={T5_LEN}", "scheduler.num_sampling_steps=3",
             "scheduler.clip_denoised=true", "precision=fp32", f"task.prompt_file={PROMPT_FILE}"]

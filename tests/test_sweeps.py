@@ -71,7 +71,7 @@ def test_best_job_direction():
 
 
 TINY = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2",
-        "data.num_frames=4", "data.image_size=8", "data.dataset.num_samples=64", "task.eval=null",
+        "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1", "data.dataset.num_samples=64", "task.eval=null",
         "task.metric=loss"]
 
 
