@@ -197,11 +197,17 @@ def test_msrun_forward_and_gradients_equal_one_process(tmp_path, workers, sequen
     for case in ("ulysses_recompute_None", "allgather_recompute_all"):
         r = result[case]
         assert r["names_kept"] and r["n_grads"] == 53
-        # fp32: the same per-element maths, summed over ranks in another order
+        # fp32, the same per-element maths on smaller tensors. Not bitwise: the CPU kernels (oneDNN) may
+        # pick other code paths for a rank's smaller matmuls and sums than for the whole batch, and ranks
+        # add partial gradients in another order. Measured with ONEDNN_MAX_CPU_ISA=AVX2 (the AVX-512 path
+        # gives 0): output 1.5e-6 of its scale; input and parameter gradients up to 1.5e-4 relative (the
+        # sharp random-weight softmax amplifies rounding in the backward pass). A real error (a frame
+        # lost or misplaced, a missing or doubled reduction) is O(1) in all of them.
         assert r["out_max_abs_err"] <= 1e-5 * r["out_scale"], (case, r)
-        assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * abs(r["ref_loss"]) + 1e-7, (case, r)
-        assert r["gx_rel_err"] < 1e-5, (case, r)
-        assert r["grad_rel_err_max"] < 1e-5, (case, r)
+        # the loss is mean(out * R) with |R| ~ 1: bounded by the output's tolerance
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * r["out_scale"], (case, r)
+        assert r["gx_rel_err"] < 1e-3, (case, r)
+        assert r["grad_rel_err_max"] < 1e-3, (case, r)
 
 
 SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2",

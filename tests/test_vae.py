@@ -123,12 +123,16 @@ def test_micro_batches_equal_one_batch(reference, video):
     z = whole.encode(video)
     x = whole.decode(z)
     micro = VideoAutoencoderKL(from_pretrained=str(folder), micro_batch_size=4)  # 6 frames: 4 + 2
-    np.testing.assert_array_equal(micro.encode(video), z)
+    # Not bitwise: the CPU kernels (oneDNN) may block a 4-frame batch differently from a 6-frame one, so
+    # sums run in another order (measured with ONEDNN_MAX_CPU_ISA=AVX2: 4.7e-8 at scale ~0.3). A frame
+    # lost, repeated or taken from another micro-batch moves values by O(scale).
+    tol_z, tol_x = 1e-6 * np.abs(z).max(), 1e-6 * np.abs(x).max()
+    np.testing.assert_allclose(micro.encode(video), z, rtol=0, atol=tol_z)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)  # as in the tasks; the last micro-batch is padded to 4 frames
     try:
-        np.testing.assert_allclose(micro.encode(video), z, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(micro.decode(z), x, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(micro.encode(video), z, rtol=0, atol=tol_z)
+        np.testing.assert_allclose(micro.decode(z), x, rtol=0, atol=tol_x)
     finally:
         ms.set_context(mode=mode)
 
