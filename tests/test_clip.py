@@ -1,13 +1,9 @@
 """CLIP in MindSpore against transformers' CLIPModel, CLIPTokenizer(Fast) and CLIPImageProcessor.
 
-Two tiny random CLIPModels saved with save_pretrained stand for the two layouts:
-    vit_b32  patch 8 on 32 px, quick_gelu, legacy eos_token_id 2 (argmax pooling), safetensors
-    vit_l14  patch 7 on 28 px, gelu, eos_token_id = the real EOS id (first-EOS pooling), pytorch_model.bin
-Every parameter (LayerNorm affines and biases too) is perturbed by N(0, 0.2^2), which makes the
-attention far from uniform and the position embeddings as large as the token embeddings.
+Two tiny random CLIPModels saved with save_pretrained stand for the two layouts (tests/tiny_clip.py:
+ViT-B/32-like with quick_gelu and legacy argmax pooling in safetensors, ViT-L/14-like with gelu and
+first-EOS pooling in pytorch_model.bin), their tokenizer vocabulary built in tmp_path.
 Tolerance: max |ours - transformers| <= 1e-5 * max |transformers| for float32 (measured ~1e-6).
-The tokenizer vocabulary (the 256 byte symbols, their "</w>" forms, 40 merges learned by the
-`tokenizers` BPE trainer on a few captions, the two special tokens) is built in tmp_path.
 """
 from __future__ import annotations
 
@@ -19,51 +15,19 @@ import pytest
 import mindspore as ms
 
 from opensora.eval.clip import CLIP, CLIPConfig, CLIPModel, check_folder, eos_positions, load_clip_weights
-from opensora.eval.clip_processing import BOS, EOS, SPLIT_PATTERN, CLIPImageProcessor, CLIPTokenizer
+from opensora.eval.clip_processing import BOS, EOS, CLIPImageProcessor, CLIPTokenizer
+from tiny_clip import LAYOUTS, MAX_LEN, make_clip_folder, write_vocab
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CORPUS = ["a photo of a cat", "a dog running on the beach", "the red square moves left", "a cat and a dog",
-          "two dogs play with a red ball", "a photo of the beach at sunset"]
 TEXTS = ["a photo of a cat", "A DOG   running on the beach!!", "it's 2 o'clock, isn't it?", "café naïve ümlaut",
          "tabs\tand\nnewlines", "", "a " * 40 + "very long caption that is cut", "<|startoftext|>a cat<|endoftext|>",
          "emoji 🐱 and symbols #@%"]
-MAX_LEN = 16
 
 
 def _rel_err(ours, ref):
     return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
-
-
-def write_vocab(folder) -> dict:
-    """CLIP-style vocab.json + merges.txt in `folder`; returns the vocab."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    trainer_tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(vocab_size=300, end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    trainer_tok.train_from_iterator(CORPUS * 3, trainer)
-    merges = json.loads(trainer_tok.to_str())["model"]["merges"][:40]
-    base = list(bytes_to_unicode().values())
-    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return vocab
-
-
-LAYOUTS = {
-    "vit_b32": dict(patch_size=8, image_size=32, act="quick_gelu", legacy_eos=True, text=(32, 4, 48), vision=(24, 3, 40),
-                    projection=16, safetensors=True),
-    "vit_l14": dict(patch_size=7, image_size=28, act="gelu", legacy_eos=False, text=(24, 2, 40), vision=(32, 4, 56),
-                    projection=20, safetensors=False),
-}
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +40,10 @@ def tok_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tok_folder):
     """{layout: (transformers CLIPModel, folder)}: config, weights, tokenizer files, preprocessor config."""
-    vocab = json.loads((tok_folder / "vocab.json").read_text())
     out = {}
-    for name, spec in LAYOUTS.items():
-        torch.manual_seed(0)
-        (th, tn, ti), (vh, vn, vi) = spec["text"], spec["vision"]
-        eos = 2 if spec["legacy_eos"] else vocab[EOS]
-        cfg = transformers.CLIPConfig(
-            text_config=dict(vocab_size=len(vocab), hidden_size=th, num_attention_heads=tn, intermediate_size=ti,
-                             num_hidden_layers=2, max_position_embeddings=MAX_LEN, hidden_act=spec["act"],
-                             bos_token_id=vocab[BOS], eos_token_id=eos, pad_token_id=vocab[EOS]),
-            vision_config=dict(hidden_size=vh, num_attention_heads=vn, intermediate_size=vi, num_hidden_layers=2,
-                               image_size=spec["image_size"], patch_size=spec["patch_size"], hidden_act=spec["act"]),
-            projection_dim=spec["projection"])
-        model = transformers.CLIPModel(cfg).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn_like(p))
+    for name in LAYOUTS:
         folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder, safe_serialization=spec["safetensors"])
-        fast = transformers.CLIPTokenizerFast(vocab_file=str(tok_folder / "vocab.json"),
-                                              merges_file=str(tok_folder / "merges.txt"), model_max_length=MAX_LEN)
-        fast.save_pretrained(folder)
-        s = spec["image_size"]
-        transformers.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(folder)
-        out[name] = (model, folder)
+        out[name] = (make_clip_folder(folder, name, tok_folder), folder)
     return out
 
 

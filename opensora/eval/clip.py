@@ -420,6 +420,21 @@ def check_folder(folder, config_key: str = "clip.from_pretrained") -> Path:
     return path
 
 
+def batched_call(fn, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """fn(*tensors) over the rows of `arrays` in batches of `batch_size` -> float32 numpy, rows in order. In
+    GRAPH_MODE the last batch is padded (with copies of its last row) so one graph serves every batch."""
+    n = arrays[0].shape[0]
+    pad = ms.get_context("mode") == ms.GRAPH_MODE
+    out = []
+    for s in range(0, n, batch_size):
+        chunk = [a[s:s + batch_size] for a in arrays]
+        k = chunk[0].shape[0]
+        if pad and k < batch_size:
+            chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
+        out.append(fn(*[ms.Tensor(np.ascontiguousarray(a)) for a in chunk]).asnumpy()[:k])
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
 class CLIP:
     """A CLIP folder ready to score: the model (`with_text` / `with_vision` towers), its tokenizer and
     its image processor.
@@ -454,18 +469,6 @@ class CLIP:
                  c.vision.image_size, c.text.hidden_size, c.text.num_hidden_layers, c.projection_dim,
                  self.logit_scale)
 
-    def _batched(self, fn, *arrays) -> np.ndarray:
-        n = arrays[0].shape[0]
-        pad = ms.get_context("mode") == ms.GRAPH_MODE
-        out = []
-        for s in range(0, n, self.batch_size):
-            chunk = [a[s:s + self.batch_size] for a in arrays]
-            k = chunk[0].shape[0]
-            if pad and k < self.batch_size:
-                chunk = [np.concatenate([a, np.repeat(a[-1:], self.batch_size - k, axis=0)]) for a in chunk]
-            out.append(fn(*[ms.Tensor(np.ascontiguousarray(a)) for a in chunk]).asnumpy()[:k])
-        return np.concatenate(out).astype(np.float32, copy=False)
-
     @staticmethod
     def _normalize(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -477,7 +480,7 @@ class CLIP:
         pixel_values = np.asarray(pixel_values, np.float32)
         if len(pixel_values) == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
-        x = self._batched(self.model.get_image_features, pixel_values)
+        x = batched_call(self.model.get_image_features, (pixel_values,), self.batch_size)
         return self._normalize(x) if normalize else x
 
     def images_features(self, images: Sequence[np.ndarray], normalize: bool = True) -> np.ndarray:
@@ -491,5 +494,14 @@ class CLIP:
             return np.zeros((0, self.config.projection_dim), np.float32)
         ids, _ = self.tokenizer(list(texts))
         pool = eos_positions(ids, self.config.text.eos_token_id)
-        x = self._batched(self.model.get_text_features, ids, pool)
+        x = batched_call(self.model.get_text_features, (ids, pool), self.batch_size)
         return self._normalize(x) if normalize else x
+
+
+def build_clip(clip_cfg, **kwargs) -> CLIP:
+    """The configured `clip` (a `_target_` config such as conf/clip/vit_l14.yaml), its folder checked first so
+    that a missing one is reported plainly, naming clip.from_pretrained."""
+    from hydra.utils import instantiate
+
+    check_folder(clip_cfg.get("from_pretrained"))
+    return instantiate(clip_cfg, **kwargs)

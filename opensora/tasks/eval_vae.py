@@ -1,0 +1,185 @@
+"""Eval-VAE task: reconstruction quality of the configured VAE on a CSV of clips (PSNR, SSIM, LPIPS).
+
+    python run.py task=eval_vae vae=sd_vae_ft_ema task.csv_path=my/clips.csv
+
+Each clip: frames 0, i, ..., (n - 1) * i (task.num_frames, task.frame_interval; a still image is a
+1-frame clip), resized (short side, bilinear) and center-cropped to task.image_size as for training
+(opensora/data/video.py), encoded and decoded by the VAE (the posterior mean unless
+task.sample_posterior), the reconstruction clipped to [-1, 1]; both mapped to [0, 1] and compared
+frame by frame (opensora/eval/metrics.py: PSNR and SSIM with data range 1; LPIPS with
+task.lpips.alexnet_path and task.lpips.heads_path, opensora/eval/lpips.py), each clip's value being the
+mean over its frames. An unreadable or too short clip is counted and listed, never fatal.
+
+Writes <run>/eval_vae.csv (the input's columns + psnr, ssim[, lpips], frames, error; failed clips have
+empty metrics and the reason) and eval_vae.json (the means over clips, counts, failures, settings),
+prints a table, and logs eval_vae/* to W&B (means in the summary, the per-clip table). Returns the
+mean PSNR.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from opensora.data.frames import first_window, read_frames_at
+from opensora.data.loader import BadSampleError, map_ordered, worker_process_setup
+from opensora.data.video import resize_crop
+from opensora.eval.metrics import SSIM_MIN_SIZE, clip_metrics, summarize
+from opensora.logger import build_logger
+from opensora.tasks.common import record_run, run_dir
+from opensora.tasks.scoring import read_table, resolve
+
+log = logging.getLogger(__name__)
+
+
+class _LoadClip:
+    """path -> (path, video [3, T, H, W] float32 in [-1, 1], None) or (path, None, reason); picklable."""
+
+    def __init__(self, num_frames: int, frame_interval: int, image_size):
+        self.select = first_window(num_frames, frame_interval)
+        self.image_size = image_size
+
+    def __call__(self, path: str):
+        try:
+            frames, _ = read_frames_at(path, self.select)
+            x = resize_crop(frames, self.image_size)  # [T, H, W, 3] in [-1, 1]
+            return path, np.ascontiguousarray(x.transpose(3, 0, 1, 2)), None
+        except BadSampleError as e:
+            return path, None, e.reason
+        except Exception as e:  # noqa: BLE001 - this clip's failure, not the run's
+            return path, None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def reconstruct(vae, videos: np.ndarray, sample_posterior: bool) -> np.ndarray:
+    """VAE encode -> decode of [B, 3, T, H, W] in [-1, 1]; clipped to [-1, 1]. The posterior mean is decoded
+    unless `sample_posterior` (then the VAE's own encode, which may sample)."""
+    if not sample_posterior and hasattr(vae, "latent_dist"):
+        z = (np.asarray(vae.latent_dist(videos).mean, np.float32) - vae.shift_factor) * vae.scale_factor
+    else:
+        z = vae.encode(videos)
+    return np.clip(np.asarray(vae.decode(z), np.float32), -1.0, 1.0)
+
+
+def _to01(video: np.ndarray) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] float64 in [0, 1]."""
+    return np.clip((video.transpose(1, 2, 3, 0).astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _groups(items: list, batch_size: int):
+    """Runs of consecutive loaded clips of one shape, at most batch_size long."""
+    run: list = []
+    for item in items:
+        if run and (len(run) >= batch_size or item[1].shape != run[0][1].shape):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+def run(cfg: DictConfig) -> float:
+    task = cfg.task
+    df, path_col, _ = read_table(task.get("csv_path"), "task.csv_path", "eval_vae")
+    folder = Path(task.video_folder) if task.get("video_folder") else Path(task.csv_path).resolve().parent
+    image_size = OmegaConf.to_container(task.image_size) if not isinstance(task.image_size, int) else task.image_size
+    sizes = [image_size] * 2 if isinstance(image_size, int) else list(image_size)
+    if min(sizes) < SSIM_MIN_SIZE:
+        raise ValueError(f"task.image_size={image_size}: SSIM needs frames of at least {SSIM_MIN_SIZE} pixels")
+    lp = task.get("lpips") or {}
+    use_lpips = bool(lp.get("alexnet_path") or lp.get("heads_path"))
+    out = run_dir(cfg)
+    record_run(cfg, out)
+
+    lpips = None
+    if use_lpips:
+        from opensora.eval.lpips import LpipsMetric
+
+        lpips = LpipsMetric(lp.get("alexnet_path"), lp.get("heads_path"), int(lp.get("batch_size", 16)))
+    weights = cfg.vae.get("from_pretrained")
+    if weights and not Path(weights).exists():
+        raise FileNotFoundError(f"vae.from_pretrained={weights} does not exist: put the VAE there (e.g. the "
+                                "stabilityai/sd-vae-ft-ema folder: config.json + diffusion_pytorch_model.safetensors) "
+                                "or set vae.from_pretrained")
+    vae = instantiate(cfg.vae)
+    factor = vae.downsample if np.ndim(vae.downsample) == 0 else vae.downsample[-1]
+    if any(s % int(factor) for s in sizes):
+        raise ValueError(f"task.image_size={image_size} is not divisible by the VAE's downsample factor {factor}")
+
+    paths = list(dict.fromkeys(df[path_col]))
+    loader = _LoadClip(int(task.num_frames), int(task.frame_interval), image_size)
+    stream = map_ordered(loader, [resolve(p, folder) for p in paths], int(task.num_workers),
+                         initializer=worker_process_setup)
+    results: dict = {}
+    failures: dict = {}
+    logger = build_logger(cfg)
+    exit_code = 1
+    try:
+        with tqdm(total=len(paths), desc="eval_vae", dynamic_ncols=True) as bar:
+            pending: list = []
+
+            def evaluate(group):
+                rec = reconstruct(vae, np.stack([v for _, v in group]), bool(task.sample_posterior))
+                for (p, v), r in zip(group, rec):
+                    ref01, rec01 = _to01(v), _to01(r)
+                    m = clip_metrics(ref01, rec01)
+                    if lpips is not None:
+                        m["lpips"] = float(lpips(ref01, rec01).mean())
+                    m["frames"] = v.shape[1]
+                    results[p] = m
+                bar.update(len(group))
+
+            for rel, (path, video, reason) in zip(paths, stream):
+                if video is None:
+                    failures[rel] = reason
+                    log.warning("eval_vae: cannot evaluate %s: %s (%d failed so far)", path, reason, len(failures))
+                    bar.update(1)
+                    continue
+                pending.append((rel, video))
+                if len(pending) >= int(task.batch_size):
+                    for group in _groups(pending, int(task.batch_size)):
+                        evaluate(group)
+                    pending = []
+            for group in _groups(pending, int(task.batch_size)):
+                evaluate(group)
+
+        metric_names = ["psnr", "ssim"] + (["lpips"] if lpips is not None else [])
+        table = df.copy()
+        for name in metric_names + ["frames"]:
+            table[name] = [results[p][name] if p in results else np.nan for p in df[path_col]]
+        table["error"] = [failures.get(p, "") for p in df[path_col]]
+        table.to_csv(out / "eval_vae.csv", index=False)
+        summary = summarize([{k: v for k, v in results[p].items() if k in metric_names} for p in results])
+        means = {k: summary.get(k, float("nan")) for k in metric_names}
+        report = {**means, "num_clips": len(results), "num_failed": len(failures), "failures": failures,
+                  "csv_path": str(task.csv_path), "vae": OmegaConf.to_container(cfg.vae, resolve=True),
+                  "num_frames": int(task.num_frames), "frame_interval": int(task.frame_interval),
+                  "image_size": image_size, "sample_posterior": bool(task.sample_posterior),
+                  "data_range": "frames in [0, 1]",
+                  "ssim_settings": "Gaussian window sigma 1.5, population covariance (Wang et al.)"}
+        (out / "eval_vae.json").write_text(json.dumps(report, indent=1, default=str))
+        _print_table(table, path_col, metric_names, means, len(failures))
+        logger.log({f"eval_vae/{k}": v for k, v in means.items()})
+        logger.log_table("eval_vae/clips", table[[path_col] + metric_names + ["frames", "error"]])
+        logger.summary({**{f"eval_vae/{k}": v for k, v in means.items()}, "eval_vae/num_clips": len(results),
+                        "eval_vae/num_failed": len(failures)})
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    log.info("eval_vae: %d clips evaluated, %d failed -> %s", len(results), len(failures), out / "eval_vae.csv")
+    return float(means["psnr"])
+
+
+def _print_table(table: pd.DataFrame, path_col: str, metrics: list, means: dict, failed: int, limit: int = 20) -> None:
+    shown = table[[path_col] + metrics + ["error"]].head(limit)
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160, "display.float_format", "{:.4f}".format):
+        print("\n" + shown.to_string(index=False), flush=True)
+    if len(table) > limit:
+        print(f"... {len(table) - limit} more rows in eval_vae.csv")
+    print("eval_vae mean over clips: " + ", ".join(f"{k} {means[k]:.4f}" for k in metrics) +
+          f" ({len(table) - failed} clips, {failed} failed)\n", flush=True)

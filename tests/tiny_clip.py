@@ -1,0 +1,89 @@
+"""Tiny random CLIP folders for tests, written like Hugging Face's (save_pretrained of transformers'
+CLIPModel, CLIPTokenizerFast and CLIPImageProcessor) on a vocabulary built in the folder:
+the 256 byte symbols, their "</w>" forms, 40 merges learned by the `tokenizers` BPE trainer on a few
+captions, and the two special tokens. Every parameter (LayerNorm affines and biases too) is perturbed
+by N(0, 0.2^2), which makes attention far from uniform and the position embeddings as large as the
+token embeddings.
+
+Two layouts:
+    vit_b32  patch 8 on 32 px, quick_gelu, legacy eos_token_id 2 (argmax pooling), safetensors
+    vit_l14  patch 7 on 28 px, gelu, eos_token_id = the real EOS id (first-EOS pooling), pytorch_model.bin
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opensora.eval.clip_processing import BOS, EOS, SPLIT_PATTERN
+
+CORPUS = ["a photo of a cat", "a dog running on the beach", "the red square moves left", "a cat and a dog",
+          "two dogs play with a red ball", "a photo of the beach at sunset"]
+MAX_LEN = 16
+LAYOUTS = {
+    "vit_b32": dict(patch_size=8, image_size=32, act="quick_gelu", legacy_eos=True, text=(32, 4, 48), vision=(24, 3, 40),
+                    projection=16, safetensors=True),
+    "vit_l14": dict(patch_size=7, image_size=28, act="gelu", legacy_eos=False, text=(24, 2, 40), vision=(32, 4, 56),
+                    projection=20, safetensors=False),
+}
+
+
+def write_vocab(folder: Path) -> dict:
+    """CLIP-style vocab.json + merges.txt in `folder`; returns the vocab."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    trainer = trainers.BpeTrainer(vocab_size=300, end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer_tok.train_from_iterator(CORPUS * 3, trainer)
+    merges = json.loads(trainer_tok.to_str())["model"]["merges"][:40]
+    base = list(bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab
+
+
+def make_clip_folder(folder: Path, layout: str, tok_folder: Path, seed: int = 0):
+    """A tiny CLIP of `layout` saved in `folder` with the tokenizer of `tok_folder` (write_vocab);
+    returns the transformers CLIPModel."""
+    import torch
+    import transformers
+
+    spec = LAYOUTS[layout]
+    vocab = json.loads((tok_folder / "vocab.json").read_text())
+    torch.manual_seed(seed)
+    (th, tn, ti), (vh, vn, vi) = spec["text"], spec["vision"]
+    eos = 2 if spec["legacy_eos"] else vocab[EOS]
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=th, num_attention_heads=tn, intermediate_size=ti,
+                         num_hidden_layers=2, max_position_embeddings=MAX_LEN, hidden_act=spec["act"],
+                         bos_token_id=vocab[BOS], eos_token_id=eos, pad_token_id=vocab[EOS]),
+        vision_config=dict(hidden_size=vh, num_attention_heads=vn, intermediate_size=vi, num_hidden_layers=2,
+                           image_size=spec["image_size"], patch_size=spec["patch_size"], hidden_act=spec["act"]),
+        projection_dim=spec["projection"])
+    model = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=spec["safetensors"])
+    fast = transformers.CLIPTokenizerFast(vocab_file=str(tok_folder / "vocab.json"),
+                                          merges_file=str(tok_folder / "merges.txt"), model_max_length=MAX_LEN)
+    fast.save_pretrained(folder)
+    s = spec["image_size"]
+    transformers.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(folder)
+    return model
+
+
+def hf_pipeline(folder: Path):
+    """transformers' (CLIPTokenizerFast, CLIPImageProcessor) of a folder."""
+    import transformers
+
+    return (transformers.CLIPTokenizerFast.from_pretrained(folder),
+            transformers.CLIPImageProcessor.from_pretrained(folder))
