@@ -18,7 +18,7 @@ import pytest
 
 from conftest import compose_cfg
 from test_data import grey_clip, write_mp4
-from tiny_clip import make_clip_folder, write_vocab
+from tiny_clip import tiny_clip
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -149,10 +149,7 @@ def test_eval_vae_errors(media, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    tok = tmp_path_factory.mktemp("vocab")
-    write_vocab(tok)
-    folder = tmp_path_factory.mktemp("clip_b32")
-    return make_clip_folder(folder, "vit_b32", tok, seed=2), folder
+    return tiny_clip(tmp_path_factory, "vit_b32", seed=2)
 
 
 PROMPTS = ["a photo of a cat", "a dog running on the beach", "a photo of a cat"]

@@ -16,7 +16,7 @@ from opensora.data.frames import at_points, evenly_spaced, first_window, read_fr
 from opensora.data.loader import BadSampleError
 from opensora.tasks.scoring import score_csv
 from test_data import frame_ids, grey_clip, still_image, write_mp4
-from tiny_clip import make_clip_folder, write_vocab
+from tiny_clip import tiny_clip
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -51,10 +51,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    tok = tmp_path_factory.mktemp("vocab")
-    write_vocab(tok)
-    folder = tmp_path_factory.mktemp("clip_l14")
-    return make_clip_folder(folder, "vit_l14", tok, seed=1), folder
+    return tiny_clip(tmp_path_factory, "vit_l14", seed=1)
 
 
 class TorchHead(torch.nn.Module):
@@ -119,9 +116,9 @@ def test_score_csv_keeps_columns_skips_done_rows_and_lists_failures(tmp_path):
     df = pd.DataFrame({"path": ["a", "bb", "x1", "ccc", "bb"], "fps": ["24.0", "30", "24", "8", "30"]})
     calls = []
 
-    def score(payloads):
-        calls.append(list(payloads))
-        return [p * 10 for p in payloads]
+    def score(rows):
+        calls.append([p for _, p in rows])
+        return [p * 10 for _, p in rows]
 
     out = tmp_path / "out.csv"
     res = score_csv(df, ["path"], "aes", out, _fail_on_x, lambda row: (row["path"],), score, batch_size=2)

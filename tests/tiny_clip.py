@@ -87,3 +87,11 @@ def hf_pipeline(folder: Path):
 
     return (transformers.CLIPTokenizerFast.from_pretrained(folder),
             transformers.CLIPImageProcessor.from_pretrained(folder))
+
+
+def tiny_clip(tmp_path_factory, layout: str, seed: int = 0):
+    """(transformers CLIPModel, folder) of a tiny CLIP with its own vocabulary, in fresh tmp folders."""
+    tok = tmp_path_factory.mktemp("vocab")
+    write_vocab(tok)
+    folder = tmp_path_factory.mktemp(f"clip_{layout}")
+    return make_clip_folder(folder, layout, tok, seed=seed), folder

@@ -11,7 +11,8 @@ frames); `select` is one of
                                     None or >= the frame count
     first_window(n, interval)       frames 0, interval, ..., (n - 1) * interval; a shorter video is refused
 An image is its own single frame whatever `select` says. Every failure raises BadSampleError naming the
-file, so a caller can count it and go on. The selectors are picklable (worker processes).
+file, so a caller can count it and go on. The selectors and the loaders below are picklable and do not
+import MindSpore, so worker processes stay small.
 """
 from __future__ import annotations
 
@@ -97,3 +98,34 @@ def read_frames_at(path: str | os.PathLike, select: Callable[[int], np.ndarray])
     if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3 or frames.size == 0:
         raise BadSampleError(path, f"decoded frames of shape {frames.shape}")
     return frames, indices
+
+
+class ResizedClip:
+    """path -> video [3, T, H, W] float32 in [-1, 1]: the frames `select` names, resized (short side,
+    bilinear) and center-cropped to `image_size` as training clips are (opensora/data/video.py)."""
+
+    def __init__(self, select: Callable[[int], np.ndarray], image_size):
+        self.select, self.image_size = select, image_size
+
+    def __call__(self, path: str) -> np.ndarray:
+        from opensora.data.video import resize_crop
+
+        frames, _ = read_frames_at(path, self.select)
+        return np.ascontiguousarray(resize_crop(frames, self.image_size).transpose(3, 0, 1, 2))  # [T, H, W, 3] -> [3, T, H, W]
+
+
+class FramePixels:
+    """(path, frame count or None) -> `processor(frames)`, e.g. CLIP pixel_values [k, 3, S, S]: the frames at
+    relative `points` (of the given frame count, else the video's), or else `num_frames` evenly spaced
+    ones (None: every frame)."""
+
+    def __init__(self, processor, points: Optional[Sequence[float]] = None, num_frames: Optional[int] = None):
+        self.processor, self.num_frames = processor, num_frames
+        self.points = None if points is None else tuple(float(p) for p in points)
+        if points is None:
+            evenly_spaced(num_frames)  # validates
+
+    def __call__(self, path: str, count: Optional[int] = None) -> np.ndarray:
+        select = at_points(self.points, count) if self.points is not None else evenly_spaced(self.num_frames)
+        frames, _ = read_frames_at(path, select)
+        return self.processor(list(frames))

@@ -23,33 +23,16 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from opensora.data.frames import evenly_spaced, read_frames_at
-from opensora.data.loader import BadSampleError, map_ordered, worker_process_setup
+from opensora.data.frames import FramePixels, evenly_spaced
+from opensora.data.loader import map_ordered, worker_process_setup
 from opensora.eval.clip import build_clip
 from opensora.logger import build_logger
 from opensora.tasks.common import record_run, run_dir
-from opensora.tasks.scoring import read_table, resolve
+from opensora.tasks.scoring import RateMeter, SafeCall, read_table, resolve
 
 log = logging.getLogger(__name__)
 
 SCORE_WEIGHT = 100.0
-
-
-class _LoadPixels:
-    """path -> (path, pixel_values [k, 3, S, S], None) or (path, None, reason): frames chosen by `select`,
-    preprocessed by the CLIP image processor; picklable (runs in worker processes)."""
-
-    def __init__(self, processor, select):
-        self.processor, self.select = processor, select
-
-    def __call__(self, path: str):
-        try:
-            frames, _ = read_frames_at(path, self.select)
-            return path, self.processor(list(frames)), None
-        except BadSampleError as e:
-            return path, None, e.reason
-        except Exception as e:  # noqa: BLE001 - this video's failure, not the run's
-            return path, None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def clip_score(image_features: np.ndarray, text_feature: np.ndarray) -> float:
@@ -87,7 +70,7 @@ def run(cfg: DictConfig) -> float:
     else:
         raise ValueError("task=eval_clip needs task.samples_dir (a folder written by task=sample) or task.csv_path "
                          "(a CSV with path,text columns)")
-    select = evenly_spaced(task.get("num_frames"))
+    evenly_spaced(task.get("num_frames"))  # checks task.num_frames before CLIP loads
     clip = build_clip(cfg.clip)
     out = run_dir(cfg)
     record_run(cfg, out)
@@ -96,8 +79,9 @@ def run(cfg: DictConfig) -> float:
     text = dict(zip(prompts, clip.text_features(prompts)))
     keys = list(dict.fromkeys(zip(df[path_col], df[text_col])))
     paths = list(dict.fromkeys(k[0] for k in keys))
-    stream = map_ordered(_LoadPixels(clip.processor, select), [resolve(p, folder) for p in paths],
-                         int(task.num_workers), initializer=worker_process_setup)
+    load = SafeCall(FramePixels(clip.processor, num_frames=task.get("num_frames")))
+    stream = map_ordered(load, [(p, (resolve(p, folder),)) for p in paths], int(task.num_workers),
+                         initializer=worker_process_setup)
     by_path = {}
     for p, t in keys:
         by_path.setdefault(p, []).append(t)
@@ -106,17 +90,18 @@ def run(cfg: DictConfig) -> float:
     failures: dict = {}
     logger = build_logger(cfg)
     exit_code = 1
+    meter = RateMeter("videos")
     try:
-        for rel, (path, pixels, reason) in tqdm(zip(paths, stream), total=len(paths), desc="eval_clip",
-                                                dynamic_ncols=True):
+        for rel, pixels, reason in tqdm(stream, total=len(paths), desc="eval_clip", dynamic_ncols=True):
             if pixels is None:
                 failures[rel] = reason
-                log.warning("eval_clip: cannot score %s: %s (%d failed so far)", path, reason, len(failures))
+                log.warning("eval_clip: cannot score %s: %s (%d failed so far)", rel, reason, len(failures))
                 continue
             features = clip.image_features(pixels)  # [k, P], unit norm
             frames[rel] = len(features)
             for t in by_path[rel]:
                 scores[(rel, t)] = clip_score(features, text[t])
+            meter.update(1)
 
         table = df.copy()
         row_keys = list(zip(df[path_col], df[text_col]))
@@ -147,4 +132,5 @@ def run(cfg: DictConfig) -> float:
     finally:
         logger.finish(exit_code)
     log.info("eval_clip: %d videos scored, %d failed -> %s", len(frames), len(failures), out / "clip_score.csv")
+    log.info("eval_clip: %s", meter.summary())
     return mean

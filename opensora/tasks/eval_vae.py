@@ -27,33 +27,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from opensora.data.frames import first_window, read_frames_at
-from opensora.data.loader import BadSampleError, map_ordered, worker_process_setup
-from opensora.data.video import resize_crop
+from opensora.data.frames import ResizedClip, first_window
+from opensora.data.loader import map_ordered, worker_process_setup
 from opensora.eval.metrics import SSIM_MIN_SIZE, clip_metrics, summarize
 from opensora.logger import build_logger
 from opensora.tasks.common import record_run, run_dir
-from opensora.tasks.scoring import read_table, resolve
+from opensora.tasks.scoring import RateMeter, SafeCall, read_table, resolve
 
 log = logging.getLogger(__name__)
-
-
-class _LoadClip:
-    """path -> (path, video [3, T, H, W] float32 in [-1, 1], None) or (path, None, reason); picklable."""
-
-    def __init__(self, num_frames: int, frame_interval: int, image_size):
-        self.select = first_window(num_frames, frame_interval)
-        self.image_size = image_size
-
-    def __call__(self, path: str):
-        try:
-            frames, _ = read_frames_at(path, self.select)
-            x = resize_crop(frames, self.image_size)  # [T, H, W, 3] in [-1, 1]
-            return path, np.ascontiguousarray(x.transpose(3, 0, 1, 2)), None
-        except BadSampleError as e:
-            return path, None, e.reason
-        except Exception as e:  # noqa: BLE001 - this clip's failure, not the run's
-            return path, None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def reconstruct(vae, videos: np.ndarray, sample_posterior: bool) -> np.ndarray:
@@ -112,13 +93,14 @@ def run(cfg: DictConfig) -> float:
         raise ValueError(f"task.image_size={image_size} is not divisible by the VAE's downsample factor {factor}")
 
     paths = list(dict.fromkeys(df[path_col]))
-    loader = _LoadClip(int(task.num_frames), int(task.frame_interval), image_size)
-    stream = map_ordered(loader, [resolve(p, folder) for p in paths], int(task.num_workers),
+    loader = SafeCall(ResizedClip(first_window(int(task.num_frames), int(task.frame_interval)), image_size))
+    stream = map_ordered(loader, [(p, (resolve(p, folder),)) for p in paths], int(task.num_workers),
                          initializer=worker_process_setup)
     results: dict = {}
     failures: dict = {}
     logger = build_logger(cfg)
     exit_code = 1
+    meter = RateMeter("clips")
     try:
         with tqdm(total=len(paths), desc="eval_vae", dynamic_ncols=True) as bar:
             pending: list = []
@@ -133,11 +115,12 @@ def run(cfg: DictConfig) -> float:
                     m["frames"] = v.shape[1]
                     results[p] = m
                 bar.update(len(group))
+                meter.update(len(group))
 
-            for rel, (path, video, reason) in zip(paths, stream):
+            for rel, video, reason in stream:
                 if video is None:
                     failures[rel] = reason
-                    log.warning("eval_vae: cannot evaluate %s: %s (%d failed so far)", path, reason, len(failures))
+                    log.warning("eval_vae: cannot evaluate %s: %s (%d failed so far)", rel, reason, len(failures))
                     bar.update(1)
                     continue
                 pending.append((rel, video))
@@ -172,6 +155,7 @@ def run(cfg: DictConfig) -> float:
     finally:
         logger.finish(exit_code)
     log.info("eval_vae: %d clips evaluated, %d failed -> %s", len(results), len(failures), out / "eval_vae.csv")
+    log.info("eval_vae: %s", meter.summary())
     return float(means["psnr"])
 
 

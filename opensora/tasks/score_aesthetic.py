@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from opensora.data.frames import at_points, read_frames_at
+from opensora.data.frames import FramePixels
 from opensora.eval.aesthetic import load_aesthetic_head
 from opensora.eval.clip import batched_call, build_clip
 from opensora.tasks.common import record_run, run_dir
@@ -30,17 +30,6 @@ from opensora.tasks.scoring import default_output, read_table, resolve, score_cs
 log = logging.getLogger(__name__)
 
 NUM_FRAMES_POINTS = {1: (0.5,), 2: (0.25, 0.5), 3: (0.1, 0.5, 0.9)}
-
-
-class _LoadFrames:
-    """(path, num_frames or None) -> pixel_values [k, 3, S, S]; picklable (runs in worker processes)."""
-
-    def __init__(self, processor, points):
-        self.processor, self.points = processor, points
-
-    def __call__(self, path: str, num_frames):
-        frames, _ = read_frames_at(path, at_points(self.points, num_frames))
-        return self.processor(list(frames))
 
 
 def _int_or_none(value):
@@ -70,13 +59,13 @@ def run(cfg: DictConfig) -> float:
     def load_args(row):
         return resolve(row[path_col], folder), _int_or_none(row["num_frames"]) if has_count else None
 
-    def score(payloads):
-        pixels = np.concatenate(payloads)  # [sum k, 3, S, S]
+    def score(rows):
+        pixels = np.concatenate([p for _, p in rows])  # [sum k, 3, S, S]
         scores = batched_call(head, (clip.image_features(pixels),), clip.batch_size)  # [sum k]
-        ends = np.cumsum([len(p) for p in payloads])
+        ends = np.cumsum([len(p) for _, p in rows])
         return [float(s.mean()) for s in np.split(scores, ends[:-1])]
 
-    result = score_csv(df, [path_col], "aes", output, _LoadFrames(clip.processor, NUM_FRAMES_POINTS[int(task.num_frames)]),
-                       load_args, score, int(task.batch_size), int(task.num_workers), bool(task.overwrite),
-                       desc="score_aesthetic")
+    load = FramePixels(clip.processor, points=NUM_FRAMES_POINTS[int(task.num_frames)])
+    result = score_csv(df, [path_col], "aes", output, load, load_args, score, int(task.batch_size),
+                       int(task.num_workers), bool(task.overwrite), desc="score_aesthetic")
     return result["mean"]

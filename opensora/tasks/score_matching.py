@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from opensora.data.frames import at_points, read_frames_at
+from opensora.data.frames import FramePixels
 from opensora.eval.clip import build_clip
 from opensora.tasks.common import record_run, run_dir
 from opensora.tasks.scoring import default_output, read_table, resolve, score_csv
@@ -26,17 +26,6 @@ from opensora.tasks.scoring import default_output, read_table, resolve, score_cs
 log = logging.getLogger(__name__)
 
 POINTS = (0.5,)
-
-
-class _LoadMiddle:
-    """(path, text) -> (pixel_values [1, 3, S, S], text); picklable (runs in worker processes)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, path: str, text: str):
-        frames, _ = read_frames_at(path, at_points(POINTS))
-        return self.processor(list(frames[:1])), text
 
 
 def run(cfg: DictConfig) -> float:
@@ -49,13 +38,14 @@ def run(cfg: DictConfig) -> float:
     record_run(cfg, out)
 
     def load_args(row):
-        return resolve(row[path_col], folder), row[text_col]
+        return (resolve(row[path_col], folder),)  # the video's own frame count, as the original
 
-    def score(payloads):
-        image = clip.image_features(np.concatenate([p for p, _ in payloads]))  # [B, P], unit norm
-        text = clip.text_features([t for _, t in payloads])
+    def score(rows):
+        image = clip.image_features(np.concatenate([p[:1] for _, p in rows]))  # [B, P], unit norm
+        text = clip.text_features([key[1] for key, _ in rows])
         return list(clip.logit_scale * (image * text).sum(-1))
 
-    result = score_csv(df, [path_col, text_col], "match", output, _LoadMiddle(clip.processor), load_args, score,
-                       int(task.batch_size), int(task.num_workers), bool(task.overwrite), desc="score_matching")
+    result = score_csv(df, [path_col, text_col], "match", output, FramePixels(clip.processor, points=POINTS),
+                       load_args, score, int(task.batch_size), int(task.num_workers), bool(task.overwrite),
+                       desc="score_matching")
     return result["mean"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +29,26 @@ log = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "video")
 TEXT_COLUMNS = ("text", "caption")
+
+
+class RateMeter:
+    """Items per second after the first batch (whose time includes compiling the model), for the log."""
+
+    def __init__(self, unit: str = "clips"):
+        self.unit, self.start, self.n, self.first = unit, time.perf_counter(), 0, None
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.first is None:
+            self.first = (time.perf_counter(), self.n)
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        text = f"{self.n} {self.unit} in {total:.1f} s"
+        if self.first is not None and self.n > self.first[1]:
+            rate = (self.n - self.first[1]) / max(time.perf_counter() - self.first[0], 1e-9)
+            text += f"; {rate:.3g} {self.unit}/s after the first batch (which includes compiling the model)"
+        return text
 
 
 def read_table(csv_path, config_key: str, task_name: str, need_text: bool = False) -> tuple[pd.DataFrame, str,
@@ -70,25 +91,21 @@ def default_output(csv_path, suffix: str) -> Path:
     return p.with_name(f"{p.stem}_{suffix}{p.suffix or '.csv'}")
 
 
-def _load_one(fn, item):
-    """(key, payload, None) or (key, None, reason): runs in a worker process."""
-    key, args = item
-    try:
-        return key, fn(*args), None
-    except BadSampleError as e:
-        return key, None, e.reason
-    except Exception as e:  # noqa: BLE001 - a preprocessing failure is this row's, not the run's
-        return key, None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-
-
-class _Call:
-    """Picklable `item -> _load_one(fn, item)` for map_ordered."""
+class SafeCall:
+    """Picklable `(key, args) -> (key, fn(*args), None)`, or `(key, None, reason)` when fn raises: a row's
+    failure (BadSampleError or any other) is that row's, not the run's. For map_ordered's workers."""
 
     def __init__(self, fn):
         self.fn = fn
 
     def __call__(self, item):
-        return _load_one(self.fn, item)
+        key, args = item
+        try:
+            return key, self.fn(*args), None
+        except BadSampleError as e:
+            return key, None, e.reason
+        except Exception as e:  # noqa: BLE001
+            return key, None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def _read_done(output: Path, keys: Sequence[str], column: str) -> dict:
@@ -128,8 +145,8 @@ def score_csv(df: pd.DataFrame, keys: Sequence[str], column: str, output: Path, 
     """Score every distinct key of `df` and write `output` (df's columns + `column`).
 
     `load_args(row) -> args` (in this process) and `load(*args) -> payload` (in a worker; raise
-    BadSampleError for an unreadable row); `score(payloads) -> one float per payload` (in this process,
-    called with up to `batch_size` payloads). Returns {"scored", "skipped", "failed", "failures",
+    BadSampleError for an unreadable row); `score([(key, payload), ...]) -> one float each` (in this
+    process, called with up to `batch_size` rows). Returns {"scored", "skipped", "failed", "failures",
     "output", "failed_csv"}."""
     keys = list(keys)
     if column in df.columns:
@@ -157,16 +174,19 @@ def score_csv(df: pd.DataFrame, keys: Sequence[str], column: str, output: Path, 
     with open(output, "a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
 
+        meter = RateMeter("rows")
+
         def flush(batch):
-            values = score([p for _, p in batch])
+            values = score(batch)
             for (k, _), v in zip(batch, values):
                 scores[k] = float(v)
                 writer.writerow(list(df.iloc[first[k]]) + [repr(float(v))])
             f.flush()
+            meter.update(len(batch))
 
         batch: list = []
         with tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
-            for k, payload, reason in map_ordered(_Call(load), items, int(num_workers),
+            for k, payload, reason in map_ordered(SafeCall(load), items, int(num_workers),
                                                   initializer=worker_process_setup):
                 if reason is not None:
                     failures[k] = reason
@@ -195,6 +215,7 @@ def score_csv(df: pd.DataFrame, keys: Sequence[str], column: str, output: Path, 
                  values.min(), values.max())
     log.info("%s: scored %d, already scored %d, failed %d -> %s%s", desc, len(todo) - len(failures), skipped,
              len(failures), output, f" (failures: {failed_csv})" if failures else "")
+    log.info("%s: %s", desc, meter.summary())
     return {"scored": len(todo) - len(failures), "skipped": skipped, "failed": len(failures),
             "failures": {k[0]: r for k, r in failures.items()}, "output": str(output),
             "failed_csv": str(failed_csv) if failures else None,
