@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from opensora.logger.wandb import read_offline_run
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from helpers import ROOT
 from opensora.data.loader import BatchLoader
 from opensora.parallel import init_parallel, msrun_world_size
 from opensora.tasks.train import global_slice

@@ -20,7 +20,7 @@ import mindspore as ms
 from mindspore import nn
 from omegaconf import open_dict
 
-from conftest import ROOT, compose_cfg
+from helpers import ROOT, compose_cfg
 from opensora.model import STDiT
 from opensora.model.pretrained import CheckpointMismatchError, UnsafeCheckpointError, load_pretrained
 
@@ -335,7 +335,7 @@ def test_convert_model_round_trip_without_torch(tmp_path, wrapper):
     src = torch_save({wrapper: sd, "other": {"x": np.zeros(1)}}, tmp_path / "orig.pth")
     out = tmp_path / "models" / "stdit.ckpt"
     cfg = _convert_cfg(tmp_path, [f"model.pretrained={src}", f"task.output={out}"])
-    assert convert.run(cfg) == len(params_of(model))
+    assert convert.run(cfg) == {"convert/tensors": len(params_of(model))}
     saved = ms.load_checkpoint(str(out))
     assert set(saved) == set(params_of(model))
     for k, v in saved.items():
@@ -433,7 +433,7 @@ def test_convert_vae_module(tmp_path):
     cfg = _convert_cfg(tmp_path, ["task.component=vae", f"task.output={out}"])
     with open_dict(cfg):
         cfg.vae = {"_target_": f"{__name__}.TinyVAE", "latent_channels": 4, "downsample": 1}
-    assert convert.run(cfg) == 4
+    assert convert.run(cfg) == {"convert/tensors": 4}
     ref = dict(TinyVAE().module.parameters_and_names())
     saved = ms.load_checkpoint(str(out))
     assert set(saved) == set(ref)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from conftest import ROOT, compose_cfg
+from helpers import ROOT, compose_cfg
 from opensora.model.stdit import Attention
 from opensora.parallel import ParallelContext
 from opensora.parallel.sequence import (

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONF, ROOT, compose_cfg
+from helpers import CONF, ROOT, compose_cfg
 
 RECIPES = {
     # name: (latent input_size, space_scale, time_scale, fps, precision, flash attention, weights file)

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from conftest import CONF, ROOT
+from helpers import CONF, ROOT
 from opensora.sweeps import best_job, metric_direction
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))

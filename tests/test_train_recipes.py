@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
+from helpers import CONF, compose_cfg
 
 # SPEC section 4, per recipe: (frames, interval, image size, space_scale, time_scale, flash attention,
 # lr, schedule (kind, warmup, min_lr), batch per device, grad clip, init: "pixart" or the stage it continues).

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from helpers import ROOT
 import opensora.parallel as parallel
 from opensora.parallel import ParallelContext, init_parallel, sync_ranks
 from opensora.parallel.zero import ZeroState, plan_shards

@@ -35,7 +35,8 @@ class IDDPM(SpacedDiffusion):
     """Improved-DDPM diffusion as configured by Open-Sora (`scheduler/iddpm.yaml`).
 
     :param num_sampling_steps: None -> the full `diffusion_steps` diffusion (training); N -> respaced to
-        N steps: space_timesteps(T, "N") for sampler "ancestral", "ddimN" for sampler "ddim".
+        N steps: space_timesteps(T, "N") (even sections, the original's respacing: 10 -> 0, 111, ..., 999), or
+        with sampler "ddim" and timestep_spacing "stride" the DDIM paper's stride ("ddimN": 0, 100, ..., 900).
     :param timestep_respacing: explicit respacing instead (exclusive with num_sampling_steps).
     :param cfg_scale / cfg_channel: classifier-free guidance defaults of `sample`.
     :param sampler: "ancestral" (p_sample_loop) or "ddim" (ddim_sample_loop with `ddim_eta`).
@@ -56,10 +57,14 @@ class IDDPM(SpacedDiffusion):
         cfg_channel=None,
         sampler="ancestral",
         ddim_eta=0.0,
+        timestep_spacing="sections",
         clip_denoised=False,
     ):
         if sampler not in ("ancestral", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}: expected 'ancestral' or 'ddim'")
+            raise ValueError(f"scheduler.sampler={sampler!r}: expected 'ancestral' or 'ddim'")
+        if timestep_spacing not in ("sections", "stride"):
+            raise ValueError(f"scheduler.timestep_spacing={timestep_spacing!r}: expected 'sections' (the original) "
+                             "or 'stride' (DDIM's fixed stride)")
         betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
         if use_kl:
             loss_type = gd.LossType.RESCALED_KL
@@ -70,7 +75,8 @@ class IDDPM(SpacedDiffusion):
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
-            timestep_respacing = f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
+            stride = sampler == "ddim" and timestep_spacing == "stride"
+            timestep_respacing = f"ddim{num_sampling_steps}" if stride else str(num_sampling_steps)
         if timestep_respacing is None or timestep_respacing == "":
             timestep_respacing = [diffusion_steps]
         if learn_sigma:

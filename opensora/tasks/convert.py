@@ -193,7 +193,7 @@ CONVERTERS = {"model": (convert_model, verify_model), "text_encoder": (convert_t
               "vae": (convert_vae, verify_vae)}
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     if task.component not in CONVERTERS:
         raise ValueError(f"task.component={task.component!r}: expected one of {list(CONVERTERS)}")
@@ -207,4 +207,4 @@ def run(cfg: DictConfig) -> float:
     if task.verify:
         verify(cfg, output, saved)
     print(f"converted {task.component}: {len(saved)} tensors -> {output}", flush=True)
-    return float(len(saved))
+    return {"convert/tensors": len(saved)}

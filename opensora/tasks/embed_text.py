@@ -55,7 +55,7 @@ def text_entries(task: DictConfig) -> tuple[pd.DataFrame, str]:
     return rows, f"csv:{csv}"
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     if not task.get("output_dir"):
         raise ValueError("task=embed_text needs task.output_dir (or data.text_embed_folder): the cache folder to write")
@@ -84,4 +84,4 @@ def run(cfg: DictConfig) -> float:
     bar.close()
     write_index(folder, rows)
     log.info("text embeddings of %d captions in %s (%s; settings %s)", len(rows), folder, INDEX, settings)
-    return float(len(rows))
+    return {"embed_text/captions": len(rows)}

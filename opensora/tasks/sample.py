@@ -115,7 +115,7 @@ def write_latents(folder: Path, latents: Sequence[np.ndarray], prompts: Sequence
     log.info("saved %d latents %s to %s", len(rows), list(latents[0].shape) if len(latents) else [], folder)
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     """Sample videos; with task.text_embed_folder the text encoder is not built (cached embeddings),
     with task.save_latents the VAE is not built (latents saved for task=decode)."""
     task = cfg.task
@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> float:
     logger = build_logger(cfg)
     exit_code = 1
     try:
-        metric = float("nan")
+        metric = {}
         batches = sample_latents(model, text_encoder, sampler, prompts, shape, int(task.batch_size), int(cfg.seed))
         if keep_latents:
             latents = [z for batch in batches for z in batch]

@@ -115,7 +115,7 @@ def apply_filters(df: pd.DataFrame, filters, video: pd.Series) -> pd.Series:
     return keep
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     out = run_dir(cfg)
     record_run(cfg, out)
@@ -167,4 +167,4 @@ def run(cfg: DictConfig) -> float:
             log.info("kept videos: frames %d..%d, height %d..%d, width %d..%d, fps %.3g..%.3g", v.num_frames.min(),
                      v.num_frames.max(), v.height.min(), v.height.max(), v.width.min(), v.width.max(), v.fps.min(),
                      v.fps.max())
-    return float(len(kept))
+    return {"scan_videos/kept": len(kept)}

@@ -169,10 +169,17 @@ class VideoAutoencoderKL:
         moments = self._unfold(self._run(self._encode_net, self._fold(x)), x.shape[0])
         return DiagonalGaussianDistribution(moments, axis=1)
 
-    def encode(self, x, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-        """Videos [B, in, T, H, W] in [-1, 1] -> scaled latents [B, latent, T, H/f, W/f] float32."""
+    def encode(self, x, rng: Optional[np.random.Generator] = None, noise: Optional[np.ndarray] = None) -> np.ndarray:
+        """Videos [B, in, T, H, W] in [-1, 1] -> scaled latents [B, latent, T, H/f, W/f] float32. With
+        sample_posterior, z = mean + std * noise: the given `noise` (the train task draws it from its own RNG for
+        the global batch), else drawn from `rng` (default: this VAE's seeded RNG)."""
         dist = self.latent_dist(x)
-        z = dist.sample(rng if rng is not None else self.rng) if self.sample_posterior else dist.mean
+        if not self.sample_posterior:
+            z = dist.mean
+        elif noise is not None:
+            z = dist.sample(noise=np.asarray(noise, np.float32))
+        else:
+            z = dist.sample(rng if rng is not None else self.rng)
         return ((z - self.shift_factor) * self.scale_factor).astype(np.float32)
 
     def decode(self, z) -> np.ndarray:
