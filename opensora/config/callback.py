@@ -48,6 +48,13 @@ def prepare(config: DictConfig) -> None:
     elif task_name(config) == "sample" and config.task.get("run"):
         rebuild_for_sampling(config, overrides, set(config.hydra.runtime.choices.keys()))
     NOTES["warnings"] = validate(config)
+    if task_name(config) == "train" and config.get("resume") is None and config.hydra.mode == RunMode.RUN:
+        from opensora.tasks.train import earlier_run_message, existing_checkpoints
+
+        out = str(config.hydra.run.dir)
+        earlier = existing_checkpoints(out)
+        if earlier:  # before Hydra writes into it
+            raise ValueError(earlier_run_message(out, earlier))
 
 
 def _refuse(err: Exception) -> None:

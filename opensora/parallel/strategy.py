@@ -30,6 +30,12 @@ from opensora.parallel import ParallelContext, broadcast_params, get_parallel, i
 log = logging.getLogger(__name__)
 
 
+def global_rows(draw, data_rank: int, data_size: int):
+    """Rows [rank * n, (rank + 1) * n) of something drawn for the global batch of data_size * n samples."""
+    per = len(draw) // data_size
+    return draw[data_rank * per:(data_rank + 1) * per]
+
+
 def make_ema(params: Mapping[str, ms.Parameter], names: Optional[Sequence[str]] = None) -> dict[str, ms.Parameter]:
     """fp32 copies {name: Parameter} of the trainable `params` (or of those in `names`), keyed like the model's."""
     return {n: ms.Parameter(p.data.copy().astype(ms.float32), name=f"ema.{n}", requires_grad=False)
@@ -116,9 +122,7 @@ class ParallelStrategy:
     def rows(self, draw):
         """This rank's rows of something drawn for the whole global batch (timesteps, noise, dropout), so ranks
         together use exactly what one process with the global batch would."""
-        ctx = self.ctx
-        per = len(draw) // ctx.data_size
-        return draw[ctx.data_rank * per:(ctx.data_rank + 1) * per]
+        return global_rows(draw, self.ctx.data_rank, self.ctx.data_size)
 
     def frames(self, video):
         """This rank's frames of a [B, C, T, H, W] array (all of them unless frames are split)."""

@@ -26,14 +26,25 @@ from opensora.train.step import build_train_step
 log = logging.getLogger(__name__)
 
 
+def existing_checkpoints(out) -> list:
+    from pathlib import Path
+
+    return sorted(p.name for p in (Path(out) / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def earlier_run_message(out, earlier: list) -> str:
+    return (f"{out} already holds checkpoints of an earlier run (latest: {earlier[-1]}): continue that run with "
+            f"resume={out}, or move the directory away to start over")
+
+
 def run(cfg: DictConfig) -> dict:
     strategy, task = get_strategy(), cfg.task
     ctx, out = strategy.ctx, run_dir(cfg)
     sync = out / ".sync"  # ranks meet through files here where one may be far behind
     resuming = cfg.get("resume") is not None
-    if not resuming and any((out / "checkpoints").glob("step_*")):  # e.g. a training stage's fixed directory
-        raise FileExistsError(f"{out} already holds checkpoints of an earlier run: continue that run with "
-                              f"resume={out}, or move the directory away to start over")
+    earlier = existing_checkpoints(out)
+    if not resuming and earlier:  # e.g. a training stage's fixed directory: never mix two runs' checkpoints
+        raise FileExistsError(earlier_run_message(out, earlier))
     if ctx.is_main:
         record_run(cfg, out)
 
