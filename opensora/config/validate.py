@@ -302,10 +302,24 @@ def _caches(cfg) -> list[str]:
 def _sample_source(cfg) -> list[str]:
     if task_name(cfg) != "sample":
         return []
+    problems = []
     if value_of(cfg, "task.ckpt_path") in (None, _UNSET) and value_of(cfg, "task.run") in (None, _UNSET):
-        return ["task=sample needs the weights to sample from: task.run=outputs/runs/<run> (a training run) or "
-                "task.ckpt_path=PATH (a checkpoint directory or file)"]
-    return []
+        problems.append("task=sample needs the weights to sample from: task.run=outputs/runs/<run> (a training run) "
+                        "or task.ckpt_path=PATH (a checkpoint directory or file)")
+    if value_of(cfg, "task.text_embed_folder") in (None, _UNSET):  # else the prompts come from the cache
+        prompts = value_of(cfg, "task.prompts")
+        given = [p for p in (prompts if isinstance(prompts, list) else []) if str(p).strip()]
+        path = value_of(cfg, "task.prompt_file")
+        if isinstance(path, str) and Path(path).is_file():
+            if not any(line.strip() for line in Path(path).read_text(errors="replace").splitlines()):
+                problems.append(f"task.prompt_file={path} holds no prompt (every line is blank): write one prompt "
+                                "per line")
+            else:
+                given.append(path)
+        if not given and not (isinstance(path, str) and Path(path).is_file()):
+            problems.append("no prompts: set task.prompts='[a red square moving left]' or task.prompt_file=FILE "
+                            "(one prompt per line)")
+    return problems
 
 
 @check
