@@ -167,7 +167,8 @@ def test_p_sample_with_frame_mask_one_step_vs_numpy():
     x_in = np.where(fr(steps == t), np.sqrt(ab[t]) * x + np.sqrt(1 - ab[t]) * mnoise, x)
     pred_x0 = np.sqrt(1 / ab[t]) * x_in - np.sqrt(1 / ab[t] - 1) * eps_out
     beta = 1 - ab[t] / ab_prev[t]
-    mean = (beta * np.sqrt(ab_prev[t]) / (1 - ab[t])) * pred_x0 + ((1 - ab_prev[t]) * np.sqrt(1 - beta) / (1 - ab[t])) * x_in
+    coef1, coef2 = beta * np.sqrt(ab_prev[t]) / (1 - ab[t]), (1 - ab_prev[t]) * np.sqrt(1 - beta) / (1 - ab[t])
+    mean = coef1 * pred_x0 + coef2 * x_in
     var = beta * (1 - ab_prev[t]) / (1 - ab[t])
     expect = np.where(fr(steps < t), x, mean + np.sqrt(var) * noise)
     np.testing.assert_allclose(seen[0][0], x_in, rtol=1e-5, atol=1e-5)
