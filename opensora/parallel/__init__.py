@@ -254,14 +254,3 @@ def sync_ranks(folder, tag: str) -> None:
         for f in _SYNCED:
             f.unlink(missing_ok=True)
         _SYNCED[:] = files
-
-
-def grad_reducer(weights) -> Optional["object"]:
-    """A cell averaging gradients over the ranks (None on one process, and under MindSpore's own parallel
-    optimizer, where the framework inserts the gradient communication)."""
-    ctx = get_parallel()
-    if not ctx.distributed or ctx.native_zero:
-        return None
-    from mindspore import nn
-
-    return nn.DistributedGradReducer(weights, mean=True, degree=ctx.world_size)

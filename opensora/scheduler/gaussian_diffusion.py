@@ -66,29 +66,18 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int):
 class ModelMeanType(enum.Enum):
     """What the model's first C output channels predict."""
 
-    PREVIOUS_X = enum.auto()  # x_{t-1}
     START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # eps
+    EPSILON = enum.auto()  # eps (the original)
 
 
 class ModelVarType(enum.Enum):
-    """How the reverse-process variance is obtained. LEARNED_RANGE interpolates (in log space)
-    between the posterior variance beta_tilde (v=-1) and beta (v=+1)."""
+    """How the reverse-process variance is obtained. LEARNED_RANGE (the original) interpolates (in log space)
+    between the posterior variance beta_tilde (v=-1) and beta (v=+1); FIXED_LARGE is beta (beta_tilde at t=0),
+    FIXED_SMALL beta_tilde."""
 
-    LEARNED = enum.auto()
     FIXED_SMALL = enum.auto()
     FIXED_LARGE = enum.auto()
     LEARNED_RANGE = enum.auto()
-
-
-class LossType(enum.Enum):
-    MSE = enum.auto()  # MSE on the mean (+ VLB term when the variance is learned)
-    RESCALED_MSE = enum.auto()  # as MSE, VLB term scaled by num_timesteps / 1000
-    KL = enum.auto()  # the variational lower bound only
-    RESCALED_KL = enum.auto()  # as KL, scaled by num_timesteps to estimate the full VLB
-
-    def is_vb(self):
-        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -173,18 +162,16 @@ class GaussianDiffusion:
     """Utilities for training and sampling diffusion models.
 
     :param betas: 1-D array of betas, one per diffusion step (step 0 first).
-    :param model_mean_type / model_var_type / loss_type: `ModelMeanType`, `ModelVarType`, `LossType`.
+    :param model_mean_type / model_var_type: `ModelMeanType`, `ModelVarType`.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type):
+    def __init__(self, *, betas, model_mean_type, model_var_type):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
-        self.loss_type = loss_type
         # plain-str / bool constants for branching inside graph-compiled code
         self._mean_kind = model_mean_type.name
         self._var_kind = model_var_type.name
-        self._loss_kind = loss_type.name
-        self._learn_sigma = model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        self._learn_sigma = model_var_type == ModelVarType.LEARNED_RANGE
         # sampling with a frame mask: False = the original (a frame with mask 0 is released at the last
         # step, t = 0, and denoised once); True = it is held and equals its reference exactly
         self.exact_conditioning = False
@@ -230,14 +217,6 @@ class GaussianDiffusion:
         return model(x, t, **model_kwargs)
 
     # ------------------------------------------------------------------ forward process
-    def q_mean_variance(self, x_start, t):
-        """Mean, variance, log-variance of q(x_t | x_0)."""
-        n = x_start.ndim
-        mean = self._extract(self._sqrt_alphas_cumprod, t, n) * x_start
-        variance = ops.broadcast_to(self._extract(self._one_minus_alphas_cumprod, t, n), x_start.shape)
-        log_variance = ops.broadcast_to(self._extract(self._log_one_minus_alphas_cumprod, t, n), x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start, t, noise=None):
         """Sample x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
         if noise is None:
@@ -273,12 +252,6 @@ class GaussianDiffusion:
             self._sqrt_recipm1_alphas_cumprod, t, n
         )
 
-    def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        n = x_t.ndim
-        return (
-            xprev - self._extract(self._posterior_mean_coef2, t, n) * x_t
-        ) / self._extract(self._posterior_mean_coef1, t, n)
-
     def p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
         """p(x_{t-1} | x_t) from a model output [B, C or 2C, ...] (see `p_mean_variance`)."""
         c = x.shape[1]
@@ -287,13 +260,10 @@ class GaussianDiffusion:
         if self._learn_sigma:
             model_var_values = model_output[:, c:]  # [B, 2C, ...] -> [B, C, ...]
             model_output = model_output[:, :c]
-            if self._var_kind == "LEARNED":
-                model_log_variance = model_var_values
-            else:
-                min_log = self._extract(self._posterior_log_variance_clipped, t, n)
-                max_log = self._extract(self._log_betas, t, n)
-                frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [beta_tilde, beta]
-                model_log_variance = frac * max_log + (1 - frac) * min_log
+            min_log = self._extract(self._posterior_log_variance_clipped, t, n)
+            max_log = self._extract(self._log_betas, t, n)
+            frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [beta_tilde, beta]
+            model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = ops.exp(model_log_variance)
         elif self._var_kind == "FIXED_LARGE":
             model_variance = ops.broadcast_to(self._extract(self._fixed_large_variance, t, n), x.shape)
@@ -302,17 +272,12 @@ class GaussianDiffusion:
             model_variance = ops.broadcast_to(self._extract(self._posterior_variance, t, n), x.shape)
             model_log_variance = ops.broadcast_to(self._extract(self._posterior_log_variance_clipped, t, n), x.shape)
 
-        if self._mean_kind == "PREVIOUS_X":
-            pred_xstart = self._predict_xstart_from_xprev(x, t, model_output)
-        elif self._mean_kind == "START_X":
+        if self._mean_kind == "START_X":
             pred_xstart = model_output
         else:
             pred_xstart = self._predict_xstart_from_eps(x, t, model_output)
         pred_xstart = self._process_xstart(pred_xstart, clip_denoised, denoised_fn)
-        if self._mean_kind == "PREVIOUS_X":
-            model_mean = model_output
-        else:
-            model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {
             "mean": model_mean,
             "variance": model_variance,
@@ -501,12 +466,6 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll, mask) / _LOG2
         return {"output": ops.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, mask=None):
-        if model_kwargs is None:
-            model_kwargs = {}
-        model_output = self._call_model(model, x_t, t, model_kwargs)
-        return self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised, mask)
-
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, mask=None, pass_x_mask=False):
         """Training losses for one timestep per sample; graph-mode safe.
 
@@ -537,38 +496,17 @@ class GaussianDiffusion:
             x_t = ops.where(mask.astype(ms.bool_).reshape(mask.shape[0], 1, mask.shape[1], 1, 1), x_t, x_t0)
 
         terms = {}
-        if self._loss_kind in ("KL", "RESCALED_KL"):
-            model_output = self._call_model(model, x_t, t, model_kwargs)
-            vb = self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, False, mask)["output"]
-            if self._loss_kind == "RESCALED_KL":
-                vb = vb * self.num_timesteps
-            terms["loss"] = vb
-            return terms
-
         model_output = self._call_model(model, x_t, t, model_kwargs).astype(ms.float32)
         c = x_t.shape[1]
         if self._learn_sigma:
             eps_out = model_output[:, :c]  # [B, 2C, ...] -> [B, C, ...]
             # learn the variance through the VLB without letting it move the mean prediction
             frozen_out = ops.cat([ops.stop_gradient(eps_out), model_output[:, c:]], axis=1)
-            vb = self._vb_terms_bpd_from_output(frozen_out, x_start, x_t, t, False, mask)["output"]
-            if self._loss_kind == "RESCALED_MSE":
-                vb = vb * (self.num_timesteps / 1000.0)  # keeps the VB term from dominating
-            terms["vb"] = vb
+            terms["vb"] = self._vb_terms_bpd_from_output(frozen_out, x_start, x_t, t, False, mask)["output"]
             model_output = eps_out
 
-        if self._mean_kind == "EPSILON":
-            target = noise
-        elif self._mean_kind == "START_X":
-            target = x_start
-        else:
-            target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
+        target = noise if self._mean_kind == "EPSILON" else x_start
         terms["mse"] = mean_flat((target - model_output) ** 2, mask)
         terms["loss"] = terms["mse"] + terms["vb"] if self._learn_sigma else terms["mse"]
         return terms
 
-    def _prior_bpd(self, x_start):
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dim, [B]."""
-        t = ms.Tensor(np.full((x_start.shape[0],), self.num_timesteps - 1, dtype=np.int32))
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(qt_mean, qt_log_variance, ops.zeros_like(qt_mean), ops.zeros_like(qt_mean))) / _LOG2

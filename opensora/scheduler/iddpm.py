@@ -67,11 +67,9 @@ class IDDPM(SpacedDiffusion):
         num_sampling_steps=None,
         timestep_respacing=None,
         noise_schedule="linear",
-        use_kl=False,
         sigma_small=False,
         predict_xstart=False,
         learn_sigma=True,
-        rescale_learned_sigmas=False,
         diffusion_steps=1000,
         cfg_scale=4.0,
         cfg_channel=None,
@@ -87,12 +85,6 @@ class IDDPM(SpacedDiffusion):
             raise ValueError(f"scheduler.timestep_spacing={timestep_spacing!r}: expected 'sections' (the original) "
                              "or 'stride' (DDIM's fixed stride)")
         betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
-        if use_kl:
-            loss_type = gd.LossType.RESCALED_KL
-        elif rescale_learned_sigmas:
-            loss_type = gd.LossType.RESCALED_MSE
-        else:
-            loss_type = gd.LossType.MSE
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
@@ -109,7 +101,6 @@ class IDDPM(SpacedDiffusion):
             betas=betas,
             model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
             model_var_type=var_type,
-            loss_type=loss_type,
         )
         self.cfg_scale = cfg_scale
         self.cfg_channel = cfg_channel

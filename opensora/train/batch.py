@@ -8,20 +8,9 @@ together use exactly what one process with the global batch would, and a resumed
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-
-
-@dataclass
-class StepDraws:
-    """The random draws of one step for the global batch (rows: samples)."""
-
-    t: np.ndarray  # [B] int32 timesteps
-    noise: np.ndarray  # [B, C, T, h, w] float32 diffusion noise
-    drop: np.ndarray  # [B] bool: train this sample on the null caption
-    posterior: Optional[np.ndarray] = None  # [B, C, T, h, w] float32 VAE posterior noise, or None
 
 
 def posterior_shape(vae, video_shape) -> Optional[tuple]:
