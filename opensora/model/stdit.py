@@ -489,6 +489,11 @@ def stdit_xl2(**kwargs) -> STDiT:
     return STDiT(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16, **kwargs)
 
 
+# Frozen parameters that are parameters in the original too, so counted (STDiT2's fixed RoPE frequencies).
+COUNTED_FROZEN = ("rope.freqs",)
+
+
 def count_parameters(cell) -> int:
-    """Number of trainable parameters (the frozen y_embedding is not counted)."""
-    return int(sum(p.size for p in cell.trainable_params()))
+    """Number of parameters as the original counts them (torch `model.parameters()`): the trainable ones
+    and the frozen COUNTED_FROZEN; the frozen null caption y_embedding, a buffer there, is not counted."""
+    return int(sum(p.size for p in cell.get_parameters() if p.requires_grad or p.name.endswith(COUNTED_FROZEN)))

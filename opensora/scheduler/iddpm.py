@@ -8,7 +8,7 @@ from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 
 
-def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None):
+def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None, **model_kwargs):
     """Classifier-free guided model output for x [B, C, ...] -> [B, 2C, ...] (float32).
 
     The model sees the batch doubled as [cond; null]: x and t repeated, y = [y; y_null broadcast to
@@ -16,13 +16,17 @@ def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None):
     (None: all C eps channels) become uncond + cfg_scale * (cond - uncond); the remaining eps
     channels and the variance channels are taken from the cond half (Open-Sora forward_with_cfg).
     C is x's channel count, so this holds with a learned variance ([B, 2C] outputs) and without ([B, C]).
+    `model_kwargs` (e.g. STDiT2's x_mask, num_frames, height, width, ar, fps) reach the model as well:
+    a tensor with B rows is repeated for both halves, anything else is passed as it is, None is left out.
     """
     b = x.shape[0]
     x2 = ops.cat([x, x], axis=0)  # [B, C, ...] -> [2B, C, ...]
     t2 = ops.cat([t, t], axis=0).astype(ms.int32)
     y2 = ops.cat([y, ops.broadcast_to(y_null.astype(y.dtype), y.shape)], axis=0)
     mask2 = None if mask is None else ops.cat([mask, mask], axis=0)
-    out = model(x2, t2, y=y2, mask=mask2)
+    extra = {k: ops.cat([v, v], axis=0) if isinstance(v, ms.Tensor) and v.ndim and v.shape[0] == b else v
+             for k, v in model_kwargs.items() if v is not None}
+    out = model(x2, t2, y=y2, mask=mask2, **extra)
     out = out.astype(ms.float32)  # [2B, 2C, ...]
     if cfg_channel is None:
         cfg_channel = x.shape[1]
@@ -92,7 +96,8 @@ class IDDPM(SpacedDiffusion):
         # useful for pixel-space models whose data lives in [-1, 1].
         self.clip_denoised = clip_denoised
 
-    def sample(self, model, shape, y, mask, y_null, noise=None, progress=True, cfg_scale=None, cfg_channel=None):
+    def sample(self, model, shape, y, mask, y_null, noise=None, progress=True, cfg_scale=None, cfg_channel=None,
+               model_kwargs=None):
         """Generate x_0 [B, C, ...] with classifier-free guidance (see `forward_with_cfg`).
 
         :param model: callable model(x [2B, C, ...], t int32 [2B], y=[2B, ...], mask=[2B, L] or None).
@@ -100,12 +105,14 @@ class IDDPM(SpacedDiffusion):
         :param y: [B, 1, L, D] caption embeddings; y_null: the null caption, broadcastable to y.
         :param mask: [B, L] caption mask or None.
         :param noise: x_T [B, C, ...]; drawn from N(0, I) (MindSpore's global seed) when None.
+        :param model_kwargs: further model inputs for every step (e.g. STDiT2's size conditioning), passed
+            through `forward_with_cfg`.
         """
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         cfg_channel = self.cfg_channel if cfg_channel is None else cfg_channel
 
         def guided(x, t):
-            return forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel)
+            return forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel, **(model_kwargs or {}))
 
         kwargs = dict(noise=noise, clip_denoised=self.clip_denoised, progress=progress)
         if self.sampler == "ddim":
