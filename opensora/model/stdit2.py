@@ -433,12 +433,7 @@ class STDiT2(nn.Cell):
             t0_spc = ops.cast(t0_spc, self.dtype)
 
         # === caption ===
-        y = self.y_embedder(y, self.training, force_drop_ids)  # [B, 1, L, C]
-        y = y.reshape(y.shape[0], -1, self.hidden_size)  # [B, L, C]
-        if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1)  # [B, L]
-            if mask.shape[0] != y.shape[0]:
-                mask = ops.tile(mask, (y.shape[0] // mask.shape[0], 1))
+        y, mask = self.y_embedder.tokens(y, mask, self.training, force_drop_ids)  # [B, L, C], [B, L] or None
 
         # === blocks ===
         rope_cos, rope_sin = self.rope(T)  # [T, head_dim] each
@@ -460,9 +455,7 @@ class STDiT2(nn.Cell):
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, nt, pt, nh, ph, nw, pw]
         return x.reshape(B, c, nt * pt, nh * ph, nw * pw)
 
-    def get_null_y(self):
-        """The null caption y_embedding as [1, 1, L, caption_channels] (for classifier-free guidance)."""
-        return Tensor(self.y_embedder.y_embedding.asnumpy()[None, None])
+    get_null_y = STDiT.get_null_y  # y_embedding as [1, 1, L, caption_channels]
 
 
 def stdit2_xl2(**kwargs) -> STDiT2:
