@@ -705,3 +705,16 @@ def test_convert_task_from_hf_folder_and_back(tmp_path):
     loaded = build_model(compose_cfg([*base, f"model.pretrained={out}"], tmp_path))
     for n, p in loaded.parameters_and_names():
         np.testing.assert_array_equal(_np(p), sd[n], err_msg=n)
+
+
+def test_xl2_config_agrees_with_the_released_config_json(tmp_path):
+    """conf/model/stdit2_xl2.yaml (with the SD VAE) has the settings of hpcai-tech/OpenSora-STDiT-v2-stage3's
+    config.json on every key the loader compares (SPEC-1.1 §3.6)."""
+    released = {"architectures": ["STDiT2"], "caption_channels": 4096, "depth": 28, "hidden_size": 1152,
+                "in_channels": 4, "input_size": [32, 60, 106], "input_sq_size": 512, "mlp_ratio": 4.0,
+                "model_max_length": 200, "num_heads": 16, "patch_size": [1, 2, 2], "pred_sigma": True,
+                "qk_norm": True}  # fmt: skip
+    cfg = compose_cfg(["~experiment", "model=stdit2_xl2", "vae=sd_vae_ft_ema", "data.image_size=64"], tmp_path)
+    for key, default in STDiT2.hf_config_defaults.items():
+        want = released.get(key, default)
+        assert (list(want) if isinstance(want, (list, tuple)) else want) == cfg.model[key], key
