@@ -283,5 +283,7 @@ def test_forward_with_cfg_doubles_model_kwargs():
                      model_kwargs={"x_mask": x_mask, "height": np.array([240.0, 240.0]), "base": 512})
     np.testing.assert_array_equal(seen["x_mask"].asnumpy(), np.concatenate([x_mask.asnumpy()] * 2))
     assert seen["height"].tolist() == [240.0] * 4 and seen["base"] == 512
-    with pytest.raises(ValueError, match="'ar' of shape \\(1,\\) is not per sample"):
-        forward_with_cfg(model, x, t, y, None, y_null, 7.0, 3, model_kwargs={"ar": np.array([0.5])})
+    forward_with_cfg(model, x, t, y, None, y_null, 7.0, 3, model_kwargs={"ar": np.array([0.5])})
+    assert seen["ar"].tolist() == [0.5]  # one value for the whole batch: passed as it is (the model repeats it)
+    with pytest.raises(ValueError, match="'ar' of shape \\(3,\\) is not per sample"):
+        forward_with_cfg(model, x, t, y, None, y_null, 7.0, 3, model_kwargs={"ar": np.array([0.5, 0.5, 0.5])})

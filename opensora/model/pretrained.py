@@ -5,8 +5,11 @@ Reads, by file suffix:
                         torch.load(weights_only=True); needs torch (`pip install -e .[torch]`)
     .safetensors        read directly, no torch
     .ckpt               MindSpore checkpoints (`task=convert` output, the train task's files)
-    a directory         a train-task checkpoint (run dir, checkpoints/, .../latest, step_*): ema.ckpt
-                        if present, else model.ckpt
+    a directory         a Hugging Face model folder (config.json + model.safetensors, e.g.
+                        hpcai-tech/OpenSora-STDiT-v2-stage3 as downloaded): its config.json must agree
+                        with the model on the keys the model lists in `hf_config_defaults` (else refused,
+                        naming each key); or a train-task checkpoint (run dir, checkpoints/, .../latest,
+                        step_*): ema.ckpt if present, else model.ckpt
 
 A torch file whose dict has an "ema" entry loads from it, else from "state_dict", else "model",
 else the dict itself; in flat files (.safetensors, .ckpt) the keys under the prefix ("ema.",
@@ -17,6 +20,7 @@ Parameter names are the original torch keys, so loading copies by name, with the
     y_embedder.y_embedding  a null caption of another length is cut, or extended by repeating
                             its last row (as the original does)
     pos_embed, pos_embed_temporal   recomputed by the model, never loaded
+(STDiT2's fixed RoPE frequencies `rope.freqs` are a frozen parameter: loaded by name like the rest.)
 Missing parameters (e.g. the temporal attention of a PixArt file) keep their initial values.
 A file of which fewer than half of the model's tensors match by name and shape is refused before
 anything is copied.
@@ -50,6 +54,7 @@ TEMPORAL_MARKERS = ("attn_temp.", "norm_temp.", "temporal")
 MIN_MATCH_FRACTION = 0.5
 PATCH_KEY = "x_embedder.proj.weight"
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 
 
 class UnsafeCheckpointError(ValueError):
@@ -335,16 +340,56 @@ def _mismatch_message(params: Mapping[str, ms.Parameter], source_shapes: Mapping
     return "\n".join(lines)
 
 
+def _same(a, b) -> bool:
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def hf_folder_weights(model, folder: Path, logger: Optional[logging.Logger] = log) -> Path:
+    """The weights file of a Hugging Face model folder, after checking its config.json against the model:
+    every key of `model.hf_config_defaults` (a key the file omits stands for the default given there) must
+    equal the model's attribute of that name, else CheckpointMismatchError names each differing key."""
+    config_file, weights = folder / HF_CONFIG, folder / HF_WEIGHTS
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{config_file} could not be read as JSON: {e}") from None
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has a config.json but no {HF_WEIGHTS}: download the folder completely "
+                                f"(config.json and {HF_WEIGHTS}), or point model.pretrained at a weights file")
+    defaults = getattr(model, "hf_config_defaults", None)
+    if defaults is None:
+        if logger is not None:
+            logger.warning("%s: %s does not compare a config.json with its settings; loading %s by name only",
+                           folder, type(model).__name__, weights.name)
+        return weights
+    bad = [(k, config.get(k, d), getattr(model, k)) for k, d in defaults.items()
+           if not _same(config.get(k, d), getattr(model, k))]
+    if bad:
+        raise CheckpointMismatchError(
+            f"{config_file} describes another model than the configured one:\n" + "\n".join(
+                f"  {k}: {v!r} in the file{'' if k in config else ' (its default: the key is absent)'}, "
+                f"model.{k}={m!r}; set model.{k}={json.dumps(v)}" for k, v, m in bad))
+    if logger is not None:
+        ignored = sorted(k for k in config if k not in defaults)
+        logger.info("%s agrees with the model on %s; not compared (training, kernel and file settings): %s",
+                    config_file, ", ".join(defaults), ", ".join(ignored) or "none")
+    return weights
+
+
 def load_pretrained(model, path: str | os.PathLike, strict: bool = False, use_ema: bool = True,
                     logger: Optional[logging.Logger] = log) -> LoadReport:
     """Copy the tensors of `path` into `model`'s parameters (names = original torch keys).
 
     Raises CheckpointMismatchError, before changing the model, when fewer than half of the model's
     tensors match (or, with `strict`, when any parameter is missing or mismatched, or a tensor is
-    unexpected). A directory is read as a train-task checkpoint. `use_ema`: prefer the EMA weights (a
+    unexpected). A directory with a config.json is a Hugging Face folder (see `hf_folder_weights`), another
+    a train-task checkpoint. `use_ema`: prefer the EMA weights (a
     torch file's "ema" entry, "ema."-prefixed keys, a checkpoint directory's ema.ckpt)."""
     p = Path(path)
-    if p.is_dir() or (p.name == "latest" and p.is_file()):
+    if p.is_dir() and (p / HF_CONFIG).is_file():
+        p = hf_folder_weights(model, p, logger)
+    elif p.is_dir() or (p.name == "latest" and p.is_file()):
         from opensora.utils.checkpoint import resolve_checkpoint_dir
 
         ckpt = resolve_checkpoint_dir(p)

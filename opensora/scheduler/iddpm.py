@@ -10,11 +10,14 @@ from .respace import SpacedDiffusion, space_timesteps
 
 
 def _double_batch(name, value, b):
-    """A per-sample model kwarg [B, ...] repeated for the [cond; null] batch -> [2B, ...]; others as given."""
+    """A model kwarg for the [cond; null] batch: a tensor with B rows is repeated -> [2B, ...]; one that holds a
+    single value for the whole batch (a scalar or one row) is passed as it is (the model repeats it)."""
     if isinstance(value, (ms.Tensor, np.ndarray)):
-        if value.ndim == 0 or value.shape[0] != b:
+        if value.ndim == 0 or value.shape[0] == 1 and b != 1:
+            return value
+        if value.shape[0] != b:
             raise ValueError(f"model kwarg {name!r} of shape {tuple(value.shape)} is not per sample: expected a "
-                             f"leading batch dim of {b} to double for classifier-free guidance")
+                             f"leading batch dim of {b} (or 1) to double for classifier-free guidance")
         if isinstance(value, np.ndarray):
             return np.concatenate([value, value], axis=0)
         return ops.cat([value, value], axis=0)
@@ -29,15 +32,16 @@ def forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel=None, 
     (None: all C eps channels) become uncond + cfg_scale * (cond - uncond); the remaining eps
     channels and the variance channels are taken from the cond half (Open-Sora forward_with_cfg).
     C is x's channel count, so this holds with a learned variance ([B, 2C] outputs) and without ([B, C]).
-    `model_kwargs`: further per-sample inputs (e.g. x_mask [B, T]), each tensor doubled along the batch
-    like x; non-tensor values are passed unchanged.
+    `model_kwargs` (e.g. STDiT2's x_mask, num_frames, height, width, ar, fps) reach the model as well: a tensor
+    with B rows is repeated for both halves, one value for the batch and non-tensors are passed as they are,
+    None is left out.
     """
     b = x.shape[0]
     x2 = ops.cat([x, x], axis=0)  # [B, C, ...] -> [2B, C, ...]
     t2 = ops.cat([t, t], axis=0).astype(ms.int32)
     y2 = ops.cat([y, ops.broadcast_to(y_null.astype(y.dtype), y.shape)], axis=0)
     mask2 = None if mask is None else ops.cat([mask, mask], axis=0)
-    extra = {k: _double_batch(k, v, b) for k, v in (model_kwargs or {}).items()}
+    extra = {k: _double_batch(k, v, b) for k, v in (model_kwargs or {}).items() if v is not None}
     out = model(x2, t2, y=y2, mask=mask2, **extra)
     out = out.astype(ms.float32)  # [2B, 2C, ...]
     if cfg_channel is None:
@@ -122,7 +126,8 @@ class IDDPM(SpacedDiffusion):
         :param mask: [B, L] caption mask or None.
         :param noise: x_T [B, C, ...]; drawn from N(0, I) (MindSpore's global seed) when None. With a
             frame mask it holds the reference latents at the conditioning frames (apply_mask_strategy).
-        :param model_kwargs: further per-sample model inputs [B, ...], doubled for CFG.
+        :param model_kwargs: further model inputs for every step (e.g. STDiT2's size conditioning), passed
+            through `forward_with_cfg` (tensors with B rows doubled for CFG).
         :param frame_mask: [B, T] float in [0, 1] per latent frame (Open-Sora 1.1 conditioning: 1 generate,
             0 keep the reference, r release the reference at step r * num_sampling_steps; p_sample).
         """
