@@ -260,7 +260,12 @@ def test_validation_checks_settings_that_must_agree(tmp_path):
     got = problems(["parallel=data"], tmp_path)
     assert any("parallel=data runs one process per device started by msrun" in p for p in got)
     got = problems(["data=video_csv", f"data.csv_path={tmp_path / 'none.csv'}"], tmp_path)
-    assert got == [f"data.csv_path={tmp_path / 'none.csv'}: no such file"]
+    assert got[0] == f"data.csv_path={tmp_path / 'none.csv'}: no such file"
+    # the demo's tubelet model (patch 4x3x3) on 16 frames of 256 px: named, with what to choose instead
+    assert got[1].startswith("model.input_size=[16, 256, 256] (latent frames, height, width from data.num_frames, ")
+    assert "not divisible by model.patch_size=[4, 3, 3]: choose a model for this data (e.g. model=stdit_tiny" in got[1]
+    assert problems(["data=video_csv", f"data.csv_path={tmp_path / 'none.csv'}", "model=stdit_tiny"], tmp_path) == [
+        f"data.csv_path={tmp_path / 'none.csv'}: no such file"]
 
 
 def test_an_unwritable_log_dir_is_named(tmp_path):

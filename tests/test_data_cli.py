@@ -13,7 +13,7 @@ from helpers import BAD, load_ckpt, make_media, run_cli
 
 pytestmark = pytest.mark.slow
 
-MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.class_dropout_prob=0"]
+MODEL = ["model=stdit_tiny", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.class_dropout_prob=0"]
 
 
 def data_args(csv):

@@ -90,7 +90,9 @@ def check_value(key: str, value: Any, *, ge=None, gt=None, le=None, lt=None, pat
             return f"{key}={value}: no such folder{hint}"
         if path == "exists" and not p.exists():
             return f"{key}={value}: does not exist{hint}"
-        if path == "parent":
+        if path == "parent":  # a folder or file to write: it, or its nearest existing ancestor, must be writable
+            if p.is_file():
+                return None if os.access(p, os.W_OK) else f"{key}={value}: cannot be written (read-only){hint}"
             q = p
             while not q.exists() and q != q.parent:
                 q = q.parent
@@ -209,6 +211,21 @@ def _variance(cfg) -> list[str]:
 
 
 @check
+def _patches(cfg) -> list[str]:
+    """The latent video must split into whole patches (a tubelet model on other data is the usual cause)."""
+    if not builds(cfg, "model"):
+        return []
+    size, patch = value_of(cfg, "model.input_size"), value_of(cfg, "model.patch_size")
+    if not (isinstance(size, list) and isinstance(patch, list) and len(size) == len(patch) == 3):
+        return []
+    if all(isinstance(a, int) and isinstance(b, int) and b > 0 and a % b == 0 for a, b in zip(size, patch)):
+        return []
+    return [f"model.input_size={size} (latent frames, height, width from data.num_frames, data.image_size and "
+            f"vae.downsample) is not divisible by model.patch_size={patch}: choose a model for this data (e.g. "
+            "model=stdit_tiny or model=stdit_xl2, patch 1x2x2) or change data.num_frames / data.image_size"]
+
+
+@check
 def _heads(cfg) -> list[str]:
     c, h = value_of(cfg, "model.hidden_size"), value_of(cfg, "model.num_heads")
     if isinstance(c, int) and isinstance(h, int) and h > 0 and c % h:
@@ -268,6 +285,20 @@ def _model_files(cfg) -> list[str]:
             problems.append(f"{part}.from_pretrained={folder} does not exist: put the downloaded folder there "
                             f"(README, 'Original weights'), or set {part}.from_pretrained=PATH")
     return problems
+
+
+def builds(cfg, section: str) -> bool:
+    """Whether the configured task builds the component of `section` (only those are checked): the model is not
+    built to decode latents, embed text or videos, scan videos or convert another component; see
+    `_part_is_built` for the text encoder and the VAE."""
+    task = task_name(cfg)
+    if section == "model":
+        return task in ("train", "sample", "benchmark") or task == "convert" and value_of(cfg, "task.component") == "model"
+    if section in ("text_encoder", "vae"):
+        return _part_is_built(cfg, section)
+    if section in ("optim", "data"):
+        return task in ("train", "benchmark", "embed_text", "embed_video", "scan_videos") or section == "data"
+    return True
 
 
 def _part_is_built(cfg, part: str) -> bool:
@@ -355,7 +386,8 @@ def validate(cfg: DictConfig) -> list[str]:
             if bad:
                 problems.append(bad)
     for section in TARGET_SECTIONS:
-        _target_keys(cfg, section, problems)
+        if builds(cfg, section.split(".")[0]):
+            _target_keys(cfg, section, problems)
     for fn in CHECKS:
         problems.extend(fn(cfg))
     if problems:
