@@ -390,3 +390,25 @@ def test_datautil_task_info_filters_and_names(tmp_path):
         datautil("task.info=none")
     with pytest.raises(ValueError, match=r"no column 'match' \(needed for task.matchmin\): run task=score_match"):
         datautil("task.matchmin=20", "task.info=none", "task.output_csv=x.csv")
+
+
+def test_row_tools_skip_and_list_bad_files_and_name_missing_columns(tmp_path):
+    """A missing and a corrupt file are left out of camera_motion's output and listed with their errors;
+    the good row gets its size columns measured (the input had none). scene_cut without a timestamp column
+    names the task that adds it."""
+    from opensora.tasks.camera_motion import run as camera_motion
+    from opensora.tasks.scene_cut import run as scene_cut
+
+    save_video(camera_clip(0, 48, **MOTIONS["pan left"]), tmp_path / "good.mp4", fps=24)
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00" * 500)
+    pd.DataFrame({"path": ["good.mp4", "missing.mp4", "corrupt.mp4"], "text": ["a", "b", "c"]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    base = [f"task.csv_path={tmp_path / 'm.csv'}", "task.num_workers=0", "logger=none"]
+    assert camera_motion(compose_cfg(["task=camera_motion", *base], tmp_path / "run")) == 1
+    out = pd.read_csv(tmp_path / "m_cmotion.csv")
+    assert out.values.tolist() == [["good.mp4", "a", 48, 48, 64, 0.75, 24.0, "pan left"]]
+    failed = pd.read_csv(tmp_path / "m_cmotion_failed.csv")
+    assert failed["path"].tolist() == ["missing.mp4", "corrupt.mp4"]
+    assert "file not found" in failed["error"][0]
+    with pytest.raises(ValueError, match=r"no column 'timestamp' \(needed for task=scene_cut\): run task=scene_detect"):
+        scene_cut(compose_cfg(["task=scene_cut", *base], tmp_path / "run"))
