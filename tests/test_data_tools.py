@@ -268,15 +268,21 @@ def test_flow_score_measures_the_motion(flow_clips):
 # ================================================================
 
 
-def test_images_are_one_frame_at_120_fps(tmp_path):
+def test_images_are_one_frame_at_120_fps_without_motion_or_scenes(tmp_path):
     from PIL import Image
 
     from opensora.data.media_info import probe
+    from opensora.data.motion import camera_motion, flow_score
+    from opensora.data.scenes import detect_scenes
 
     Image.fromarray(texture(0, 30, 50)).save(tmp_path / "a.png")
     info = probe(str(tmp_path / "a.png"))
     assert (info["num_frames"], info["height"], info["width"], info["fps"]) == (1, 30, 50, 120.0)
     assert info["aspect_ratio"] == pytest.approx(30 / 50)
+    assert camera_motion(str(tmp_path / "a.png")) == {"cmotion": "unknown"}
+    assert flow_score(str(tmp_path / "a.png")) == {"flow": 0.0}
+    with pytest.raises(ValueError, match="an image, not a video"):
+        detect_scenes(str(tmp_path / "a.png"))
 
 
 CALLS: list = []

@@ -14,7 +14,7 @@ zoom-in factor (the fraction of pixels that the flow carries no closer to the fr
     angle in [135, 225)                   pan right
     angle in [225, 315)                   tilt down
 
-and the clip gets the label of more than half of its pairs; without such a majority: "unknown" if some
+and the clip gets the label of more than half of its pairs (an image: "unknown", no pair); without such a majority: "unknown" if some
 pair was static, else "pan/tilt" if no pair zoomed, else "dynamic". Two deliberate differences from
 the original, both settings: the original compares every sampled frame with frame 0 (its `prvs` is never
 updated), so the displacement grows along the clip and Farneback loses track of it (a 0.3 px/frame pan on
@@ -139,6 +139,10 @@ def camera_motion(path: str, frame_interval: int = 15, tau_static: float = 1.0,
     frame with the one before, "first" with frame 0 (the original's)."""
     if reference not in ("previous", "first"):
         raise ValueError(f"reference must be 'previous' or 'first', got {reference!r}")
+    from opensora.data.video import is_image
+
+    if is_image(path):
+        return {"cmotion": vote([])}  # one frame: no pair
     labels, ref = [], None
     for frame in _sampled_grey_frames(path, frame_interval):
         if ref is not None:
@@ -175,9 +179,13 @@ def flow_frames(frames: np.ndarray, size: Sequence[int] = FLOW_SIZE) -> np.ndarr
 
 
 def flow_score(path: str, frame_indices: Sequence[int] = FLOW_FRAMES, size: Sequence[int] = FLOW_SIZE) -> dict:
-    """{"flow": mean |flow component| (px at `size`)} over consecutive pairs of `frame_indices`."""
+    """{"flow": mean |flow component| (px at `size`)} over consecutive pairs of `frame_indices` (0 for an
+    image: every index reads its one frame)."""
+    from opensora.data.video import is_image
     from opensora.utils.video_io import open_video, read_frames
 
+    if is_image(path):
+        return {"flow": 0.0}
     reader = open_video(path, num_threads=1)
     n = len(reader)
     if n < 1:

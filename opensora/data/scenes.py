@@ -34,6 +34,11 @@ def detect_scenes(path: str, adaptive_threshold: float = 3.0, min_scene_len: int
     """[(start, end)] timecodes 'HH:MM:SS.mmm' of the scenes of a video (end exclusive)."""
     from scenedetect import AdaptiveDetector, detect
 
+    from opensora.data.video import is_image
+
+    if is_image(str(path)):
+        raise ValueError("an image, not a video: images need no scene detection or cutting (keep them in a CSV of "
+                         "their own and merge it with task=datautil)")
     detector = AdaptiveDetector(adaptive_threshold=float(adaptive_threshold), min_scene_len=int(min_scene_len))
     scenes = detect(str(path), detector, start_in_scene=bool(start_in_scene))
     return [(start.get_timecode(), end.get_timecode()) for start, end in scenes]
