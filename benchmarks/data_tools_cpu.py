@@ -5,10 +5,10 @@ scene_detect, scene_cut, datautil info, camera_motion and flow_score on generate
     python benchmarks/data_tools_cpu.py --videos 4 --seconds 4 --height 180 --width 320   # a quick run
 
 Each source has two scenes (a hard cut half-way): a blurred-noise texture panning right 1 px/frame, then
-another one tilting down 0.5 px/frame. The tools run as `python run.py task=<tool>` would (the task's run function on the
-composed config, `--workers` worker processes), one after the other on the previous one's output; the
-time of each includes starting its workers but not Python's or MindSpore's start-up. scene_cut keeps the
-size and fps (shorter_size = the source's height, target_fps null), so the clips are the sources' scenes.
+another one tilting down 0.5 px/frame. The tools run as `python run.py task=<tool>` would (the task's run
+function on the composed config, `--workers` worker processes), one after the other on the previous one's
+output; the time of each includes starting its workers but not Python's or MindSpore's start-up. scene_cut
+keeps the size and fps (shorter_size = the source's height, target_fps null), so the clips are the scenes.
 """
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def main() -> None:
     frames = int(round(args.seconds * args.fps))
     t0 = time.perf_counter()
     make_videos(folder, args.videos, frames, args.height, args.width, args.fps)
-    print(f"{args.videos} videos {args.width}x{args.height}, {frames} frames @ {args.fps} fps (two scenes each), made in "
-          f"{time.perf_counter() - t0:.1f} s in {folder}; {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}, "
-          f"{args.workers} workers", flush=True)
+    print(f"{args.videos} videos {args.width}x{args.height}, {frames} frames @ {args.fps} fps (two scenes each), "
+          f"made in {time.perf_counter() - t0:.1f} s in {folder}; {os.cpu_count()} cpus, "
+          f"load avg {os.getloadavg()[0]:.1f}, {args.workers} workers", flush=True)
     w = f"task.num_workers={args.workers}"
     steps = [
         ("scan_videos", "videos", ["task=scan_videos", f"task.csv_path={folder / 'videos.csv'}",

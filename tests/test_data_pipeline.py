@@ -4,7 +4,7 @@ hard cuts at known frames and known camera motion:
     scan_videos -> scene_detect -> scene_cut -> datautil (info) -> camera_motion -> flow_score
     -> datautil (filters, captions) -> train
 
-Raw videos (made by tests/test_data_tools.py's generator):
+Raw videos (made by helpers.scenes_video):
   a.mp4  24 fps, 64 x 48: pan right 48 frames | tilt up 60 | zoom in 52 | static 50   (cuts at 48, 108, 160)
   b.mp4  30 fps, 80 x 60: pan left 60 frames | zoom out 60 | static 20                (cuts at 60, 120)
   bad.mp4 not a video.
@@ -17,8 +17,7 @@ import json
 import pandas as pd
 import pytest
 
-from test_cli import run_cli
-from test_data_tools import scenes_video
+from helpers import run_cli, scenes_video
 
 pytestmark = pytest.mark.slow
 
@@ -126,10 +125,10 @@ def test_pipeline_recipe_from_raw_videos_to_training(tmp_path):
 
     # 8. it trains as it is
     run_dir = tmp_path / "runs" / "train"
-    proc = run_cli(["~experiment", "data=video_csv", "data.csv_path=train.csv", "data.num_frames=4",
-                    "data.frame_interval=2", "data.image_size=16", "data.batch_size=2", "model.hidden_size=32",
-                    "model.depth=1", "model.num_heads=2", "task.max_steps=2", "task.ckpt_every=2", "task.eval=null", "logger=none",
-                    f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = run_cli(["task=train", "model=stdit_tiny", "data=video_csv", "data.csv_path=train.csv",
+                    "data.num_frames=4", "data.frame_interval=2", "data.image_size=16", "data.batch_size=2",
+                    "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "task.max_steps=2",
+                    "task.ckpt_every=2", "task.eval=null", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path)
     state = json.loads((run_dir / "checkpoints" / "step_000002" / "state.json").read_text())
     assert state["data"]["position"] == 4 and state["data"].get("num_bad_samples", 0) == 0
     assert "bad sample" not in proc.stdout + proc.stderr

@@ -2,9 +2,7 @@
 cutting (durations, sizes, frame-accurate starts), camera-motion labels of generated pans / tilts /
 zooms / static shots, the Farneback flow score, the resumable per-row runner and the table utilities.
 
-Clips are a smooth random texture (Gaussian-blurred noise, sigma 3 px) seen through a 64 x 48 window that
-moves 0.3 px per frame (pans, tilts) or scales by 0.6 % per frame (zooms): 4.5 px between the frames 15
-apart that the camera-motion detector compares, well inside what Farneback tracks on such frames.
+Clips come from helpers.camera_clip: a smooth random texture seen through a moving 64 x 48 window.
 """
 from __future__ import annotations
 
@@ -15,47 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg
+from helpers import MOTIONS, camera_clip, compose_cfg, scenes_video, texture
 from opensora.utils.video_io import read_video, save_video
-
-H, W = 48, 64
-SPEED, ZOOM = 0.3, 1.006  # px per frame, scale per frame
-# camera motion -> how the window moves over the texture (dx, dy px per frame; zoom per frame). A camera
-# panning right sees the content move left: the window moves right (+x) over the texture.
-MOTIONS = {"pan right": dict(dx=SPEED), "pan left": dict(dx=-SPEED), "tilt up": dict(dy=-SPEED),
-           "tilt down": dict(dy=SPEED), "zoom in": dict(zoom=ZOOM), "zoom out": dict(zoom=1 / ZOOM), "static": {}}
-
-
-def texture(seed: int, h: int = 300, w: int = 400) -> np.ndarray:
-    """[h, w, 3] uint8: Gaussian-blurred (sigma 3) uniform noise stretched to 0..255."""
-    import cv2
-
-    t = cv2.GaussianBlur(np.random.default_rng(seed).random((h, w, 3)).astype(np.float32), (0, 0), 3)
-    return np.round((t - t.min()) / (t.max() - t.min()) * 255).astype(np.uint8)
-
-
-def camera_clip(seed: int, frames: int, h: int = H, w: int = W, dx: float = 0.0, dy: float = 0.0,
-                zoom: float = 1.0) -> np.ndarray:
-    """[frames, h, w, 3] uint8: the window of a texture, centred, moved by (dx, dy) px and scaled by zoom per frame."""
-    import cv2
-
-    tex = texture(seed, max(300, 2 * h), max(400, 2 * w))
-    cy, cx = tex.shape[0] / 2, tex.shape[1] / 2
-    out = []
-    for i in range(frames):
-        s = zoom ** i  # output pixel (x, y) shows texture pixel (cx + (x - w/2) / s + dx*i, cy + ...)
-        m = np.array([[1 / s, 0, cx - w / 2 / s + dx * i], [0, 1 / s, cy - h / 2 / s + dy * i]], np.float32)
-        out.append(cv2.warpAffine(tex, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                  borderMode=cv2.BORDER_REFLECT))
-    return np.stack(out)
-
-
-def scenes_video(path, lengths, motions, fps=24, h=H, w=W, seed=0):
-    """An mp4 of hard cuts: scene i has lengths[i] frames of its own texture moving as motions[i]."""
-    clips = [camera_clip(seed + i, n, h, w, **MOTIONS[m]) for i, (n, m) in enumerate(zip(lengths, motions))]
-    save_video(np.concatenate(clips), path, fps=fps)
-    return path
-
 
 # ================================================================
 # Scene detection and cutting
@@ -303,8 +262,8 @@ def test_map_rows_resumes_after_a_kill_and_refuses_other_settings(tmp_path):
     items = [1, 2, 3, 4, 2]
     CALLS.clear()
     res = map_rows(_square, keys, items, out, {"k": 1})
-    assert res == {"a": (True, {"sq": 1}, ""), "b": (True, {"sq": 4}, ""), "c": (False, None, "ValueError: three is bad"),
-                   "d": (True, {"sq": 16}, "")}
+    assert res == {"a": (True, {"sq": 1}, ""), "b": (True, {"sq": 4}, ""),
+                   "c": (False, None, "ValueError: three is bad"), "d": (True, {"sq": 16}, "")}
     assert CALLS == [1, 2, 3, 4]  # a repeated key is computed once
     log = progress_path(out)
     lines = log.read_text().splitlines()
@@ -374,7 +333,7 @@ def test_datautil_task_info_filters_and_names(tmp_path):
                            "logger=none", *overrides], tmp_path / "run")
         return run(cfg)
 
-    assert datautil("task.info=all", "task.fmin=1", "task.remove_path_duplication=true") == 2
+    assert datautil("task.info=all", "task.fmin=1", "task.remove_path_duplication=true") == {"datautil/rows": 2}
     out = pd.read_csv(tmp_path / "meta_info_noduppath_fmin1.csv")  # the original's naming
     assert list(out.columns) == ["path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "aes",
                                  "resolution"]
@@ -385,7 +344,7 @@ def test_datautil_task_info_filters_and_names(tmp_path):
     assert failed["path"].tolist() == ["v/bad.mp4"] and "unreadable" in failed["error"][0]
 
     assert datautil("task.aesmin=5", "task.refine_llm_caption=true", "task.clean_caption=true",
-                    f"task.output_csv={tmp_path / 'sub' / 'clean.csv'}") == 2
+                    f"task.output_csv={tmp_path / 'sub' / 'clean.csv'}") == {"datautil/rows": 2}
     clean = pd.read_csv(tmp_path / "sub" / "clean.csv")
     assert clean["path"].tolist() == ["../v/a.mp4", "../v/a.mp4"]  # relative to the output's folder
     assert clean["text"].tolist() == ["a clip", "again"] and clean["num_frames"].tolist() == [20, 20]
@@ -410,7 +369,7 @@ def test_row_tools_skip_and_list_bad_files_and_name_missing_columns(tmp_path):
     pd.DataFrame({"path": ["good.mp4", "missing.mp4", "corrupt.mp4"], "text": ["a", "b", "c"]}).to_csv(
         tmp_path / "m.csv", index=False)
     base = [f"task.csv_path={tmp_path / 'm.csv'}", "task.num_workers=0", "logger=none"]
-    assert camera_motion(compose_cfg(["task=camera_motion", *base], tmp_path / "run")) == 1
+    assert camera_motion(compose_cfg(["task=camera_motion", *base], tmp_path / "run")) == {"camera_motion/clips": 1}
     out = pd.read_csv(tmp_path / "m_cmotion.csv")
     assert out.values.tolist() == [["good.mp4", "a", 48, 48, 64, 0.75, 24.0, "pan left"]]
     failed = pd.read_csv(tmp_path / "m_cmotion_failed.csv")

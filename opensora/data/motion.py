@@ -14,13 +14,14 @@ zoom-in factor (the fraction of pixels that the flow carries no closer to the fr
     angle in [135, 225)                   pan right
     angle in [225, 315)                   tilt down
 
-and the clip gets the label of more than half of its pairs (an image: "unknown", no pair); without such a majority: "unknown" if some
-pair was static, else "pan/tilt" if no pair zoomed, else "dynamic". Two deliberate differences from
-the original, both settings: the original compares every sampled frame with frame 0 (its `prvs` is never
-updated), so the displacement grows along the clip and Farneback loses track of it (a 0.3 px/frame pan on
-64 x 48 frames reads as a zoom from the second pair on); here each frame is compared with the previous
-sampled one (`reference="previous"`; "first" is the original's). And a clip with fewer than two sampled
-frames (under frame_interval + 1 frames) is "unknown", where the original's empty vote says "pan/tilt".
+and the clip gets the label of more than half of its pairs (an image: "unknown", no pair); without such a
+majority: "unknown" if some pair was static, else "pan/tilt" if no pair zoomed, else "dynamic". Two
+deliberate differences from the original: it compares every sampled frame with frame 0 (its `prvs` is
+never updated), so the displacement grows along the clip and Farneback loses track of it (a 0.3 px/frame
+pan on 64 x 48 frames reads as a zoom from the second pair on); here each frame is compared with the
+previous sampled one (`reference="previous"`; "first" is the original's). And a clip with fewer than two
+sampled frames (under frame_interval + 1 frames) is "unknown", where the original's empty vote says
+"pan/tilt". Frames are decoded with decord (the loader's reader) instead of OpenCV's VideoCapture.
 
 Flow score (`flow`): the quantity of Open-Sora 1.1's tools/scoring/optical_flow scorer - frames
 0, 10, 20, 30 (indices past the end clamped to the last frame), a portrait frame transposed to landscape,

@@ -16,7 +16,7 @@ from opensora.data.row_task import run_over_rows
 from opensora.tasks.common import record_run, run_dir
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     record_run(cfg, run_dir(cfg))
     tau_zoom = [float(v) for v in task.tau_zoom]
@@ -32,4 +32,4 @@ def run(cfg: DictConfig) -> float:
     if len(df):
         counts = df["cmotion"].value_counts()
         print("camera motion: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
-    return float(len(df))
+    return {"camera_motion/clips": len(df)}

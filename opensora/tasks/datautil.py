@@ -28,7 +28,7 @@ from opensora.tasks.common import record_run, run_dir
 
 log = logging.getLogger(__name__)
 
-INFO_MODES = {"missing": "missing", "all": "all", "none": "none", True: "all", False: "none"}
+INFO_MODES = ("missing", "all", "none")
 
 
 def input_paths(csv_path) -> list[str]:
@@ -52,7 +52,7 @@ def output_name(task, inputs: list[str]) -> Path:
              ("abspath", "_abspath"), ("remove_empty_caption", "_noempty"), ("remove_url", "_nourl"),
              ("remove_path_duplication", "_noduppath"), ("remove_text_duplication", "_noduptext"),
              ("refine_llm_caption", "_llm"), ("clean_caption", "_clean"), ("merge_cmotion", "_cmcaption")]
-    on = {key: (INFO_MODES.get(task.info) == "all") if key == "info" else bool(task.get(key)) for key, _ in steps}
+    on = {key: str(task.info) == "all" if key == "info" else bool(task.get(key)) for key, _ in steps}
     suffix = "".join(tag for key, tag in steps if on[key])
     for key in du.FILTERS:
         if task.get(key) is not None:
@@ -65,8 +65,8 @@ def shard_path(out: Path, i: int) -> Path:
 
 
 def _info(df: pd.DataFrame, task, csv, out: Path) -> tuple[pd.DataFrame, list]:
-    mode = INFO_MODES.get(task.info)
-    if mode is None:
+    mode = str(task.info)
+    if mode not in INFO_MODES:
         raise ValueError(f"task.info={task.info} must be missing, all or none")
     need = missing_info(df) if mode == "missing" else pd.Series(mode == "all", index=df.index)
     if not need.any():
@@ -94,7 +94,7 @@ def _count(step: str, before: int, df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     record_run(cfg, run_dir(cfg))
     inputs = input_paths(task.csv_path)
@@ -167,4 +167,4 @@ def run(cfg: DictConfig) -> float:
     else:
         finish(df, failed, out, csv, "datautil")
     print(f"datautil: {len(df)} rows -> {out if not task.shard else f'{task.shard} shards beside {out}'}", flush=True)
-    return float(len(df))
+    return {"datautil/rows": len(df)}

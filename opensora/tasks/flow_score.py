@@ -17,7 +17,7 @@ from opensora.data.row_task import run_over_rows
 from opensora.tasks.common import record_run, run_dir
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     record_run(cfg, run_dir(cfg))
     frames, size = [int(i) for i in task.frame_indices], [int(s) for s in task.size]
@@ -29,4 +29,4 @@ def run(cfg: DictConfig) -> float:
     if len(df):
         print(f"flow score: mean {df['flow'].mean():.3g}, min {df['flow'].min():.3g}, max {df['flow'].max():.3g}",
               flush=True)
-    return float(len(df))
+    return {"flow_score/clips": len(df), "flow_score/mean": float(df["flow"].mean()) if len(df) else float("nan")}

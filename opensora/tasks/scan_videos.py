@@ -7,8 +7,9 @@ Writes two CSVs: the kept rows (task.output_csv, default <run>/videos.csv) with 
 columns path,text,num_frames,height,width,aspect_ratio (= height / width),fps first (text from the input
 CSV's text or caption column, empty for a folder; then the input CSV's other columns), so it trains
 directly; and scan.csv (every file: the same columns, then duration in s, readable, error, keep). Paths
-are relative to task.folder as data.video_folder expects; measurements as opensora.data.media_info's. A file is readable when decord opens
-it and (task.check_decode) decodes its first and last frames, which finds truncated files.
+are relative to task.folder as data.video_folder expects; measurements as opensora.data.media_info's. A
+file is readable when decord opens it and (task.check_decode) decodes its first and last frames, which
+finds truncated files.
 """
 from __future__ import annotations
 

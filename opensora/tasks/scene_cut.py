@@ -45,21 +45,24 @@ def _optional(value, kind):
     return None if value is None else kind(value)
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     record_run(cfg, run_dir(cfg))
     csv = task.csv_path
-    df = read_table(csv).reset_index(drop=True)
-    require_columns(df, ["timestamp"], csv, "task=scene_cut")
     out = output_path(task, "clips")
     save_dir = Path(task.save_dir) if task.get("save_dir") else out.with_suffix("")
     opts = {"save_dir": str(save_dir.resolve()), "min_seconds": _optional(task.min_seconds, float),
             "max_seconds": _optional(task.max_seconds, float), "target_fps": _optional(task.target_fps, float),
             "shorter_size": _optional(task.shorter_size, int), "upscale": bool(task.upscale), "crf": int(task.crf)}
-    scale_filter(opts["shorter_size"], opts["upscale"])  # checks the size before any work
+    try:
+        scale_filter(opts["shorter_size"], opts["upscale"])  # checks the size before any work
+    except ValueError as e:
+        raise ValueError(f"task.{e}") from None
     for key in ("min_seconds", "max_seconds", "target_fps"):
         if opts[key] is not None and opts[key] <= 0:
             raise ValueError(f"task.{key}={opts[key]} must be positive (or null)")
+    df = read_table(csv).reset_index(drop=True)
+    require_columns(df, ["timestamp"], csv, "task=scene_cut")
     _check_names(df["path"])
     files = media_paths(df, media_folder(csv, task.get("video_folder")))
     fps = pd.to_numeric(df["fps"], errors="coerce") if "fps" in df.columns else pd.Series(float("nan"), df.index)
@@ -91,4 +94,4 @@ def run(cfg: DictConfig) -> float:
     failed_csv = write_failed(failed, out)
     log.info("scene_cut: %d videos -> %d clips in %s, listed in %s%s", len(df) - len(failed), len(table), save_dir,
              out, f"; {len(failed)} failed (listed in {failed_csv})" if failed else "")
-    return float(len(table))
+    return {"scene_cut/clips": len(table), "scene_cut/failed_videos": len(failed)}

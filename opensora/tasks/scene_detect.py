@@ -16,10 +16,10 @@ from opensora.data.scenes import scene_timestamp
 from opensora.tasks.common import record_run, run_dir
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     record_run(cfg, run_dir(cfg))
     settings = {"adaptive_threshold": float(task.adaptive_threshold), "min_scene_len": int(task.min_scene_len),
                 "start_in_scene": bool(task.start_in_scene)}
     df, _ = run_over_rows(task, functools.partial(scene_timestamp, **settings), "timestamp", settings, "scene_detect")
-    return float(len(df))
+    return {"scene_detect/videos": len(df)}
