@@ -170,3 +170,47 @@ def make_media(root: Path) -> Path:
             ("stills/still.png", "a still image"), ("clips/missing.mp4", "a missing clip")]
     pd.DataFrame(rows, columns=["video", "caption"]).to_csv(root / "videos.csv", index=False)
     return root / "videos.csv"
+
+
+# Camera clips: a smooth random texture (Gaussian-blurred noise, sigma 3 px) seen through a 64 x 48 window that
+# moves 0.3 px per frame (pans, tilts) or scales by 0.6 % per frame (zooms): 4.5 px between the frames 15 apart
+# that the camera-motion detector compares, well inside what Farneback tracks on such frames.
+H, W = 48, 64
+SPEED, ZOOM = 0.3, 1.006  # px per frame, scale per frame
+# camera motion -> how the window moves over the texture (dx, dy px per frame; zoom per frame). A camera
+# panning right sees the content move left: the window moves right (+x) over the texture.
+MOTIONS = {"pan right": dict(dx=SPEED), "pan left": dict(dx=-SPEED), "tilt up": dict(dy=-SPEED),
+           "tilt down": dict(dy=SPEED), "zoom in": dict(zoom=ZOOM), "zoom out": dict(zoom=1 / ZOOM), "static": {}}
+
+
+def texture(seed: int, h: int = 300, w: int = 400) -> np.ndarray:
+    """[h, w, 3] uint8: Gaussian-blurred (sigma 3) uniform noise stretched to 0..255."""
+    import cv2
+
+    t = cv2.GaussianBlur(np.random.default_rng(seed).random((h, w, 3)).astype(np.float32), (0, 0), 3)
+    return np.round((t - t.min()) / (t.max() - t.min()) * 255).astype(np.uint8)
+
+
+def camera_clip(seed: int, frames: int, h: int = H, w: int = W, dx: float = 0.0, dy: float = 0.0,
+                zoom: float = 1.0) -> np.ndarray:
+    """[frames, h, w, 3] uint8: the window of a texture, centred, moved by (dx, dy) px and scaled by zoom per frame."""
+    import cv2
+
+    tex = texture(seed, max(300, 2 * h), max(400, 2 * w))
+    cy, cx = tex.shape[0] / 2, tex.shape[1] / 2
+    out = []
+    for i in range(frames):
+        s = zoom ** i  # output pixel (x, y) shows texture pixel (cx + (x - w/2) / s + dx*i, cy + ...)
+        m = np.array([[1 / s, 0, cx - w / 2 / s + dx * i], [0, 1 / s, cy - h / 2 / s + dy * i]], np.float32)
+        out.append(cv2.warpAffine(tex, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REFLECT))
+    return np.stack(out)
+
+
+def scenes_video(path, lengths, motions, fps=24, h=H, w=W, seed=0):
+    """An mp4 of hard cuts: scene i has lengths[i] frames of its own texture moving as motions[i]."""
+    from opensora.utils.video_io import save_video
+
+    clips = [camera_clip(seed + i, n, h, w, **MOTIONS[m]) for i, (n, m) in enumerate(zip(lengths, motions))]
+    save_video(np.concatenate(clips), path, fps=fps)
+    return path

@@ -480,7 +480,7 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     cfg = compose_cfg(["task=scan_videos", f"task.folder={folder}", "task.csv_path=null", "task.num_workers=0",
                        "task.filters.min_frames=8", "task.filters.min_height=32", "logger=none"], tmp_path)
     kept = run(cfg)
-    scan = pd.read_csv(tmp_path / "scan.csv").set_index("video")
+    scan = pd.read_csv(tmp_path / "scan.csv").set_index("path")
     assert "videos.csv" not in scan.index  # only media files
     for name, (t, h, w, fps) in VIDEOS.items():
         row = scan.loc[name]
@@ -491,8 +491,11 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     assert scan.loc["stills/still.png"][["num_frames", "height", "width"]].tolist() == [1, 32, 50]
     out = pd.read_csv(tmp_path / "videos.csv")
     # short.mp4 (3 frames) fails min_frames; the image is exempt from frame filters
-    assert sorted(out["video"]) == ["clips/sub/small.mp4", "clips/tall.mp4", "clips/wide.mp4", "stills/still.png"]
+    assert sorted(out["path"]) == ["clips/sub/small.mp4", "clips/tall.mp4", "clips/wide.mp4", "stills/still.png"]
     assert kept == {"scan_videos/kept": 4} and "readable" not in out.columns
+    # exactly the training columns (a folder has no captions: empty text)
+    assert list(out.columns) == ["path", "text", "num_frames", "height", "width", "aspect_ratio", "fps"]
+    assert out["text"].isna().all()
     # CSV mode keeps the captions, so its output trains directly
     cfg = compose_cfg(["data=video_csv", f"data.csv_path={media}", "task=scan_videos", "task.num_workers=0",
                        f"task.output_csv={tmp_path / 'ok.csv'}", "logger=none"], tmp_path)
@@ -500,6 +503,8 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     ok = read_video_csv(tmp_path / "ok.csv")
     assert sorted(ok["video"]) == sorted(set(read_video_csv(media)["video"]) - set(BAD) | {"clips/short.mp4"})
     assert ok.set_index("video").loc["clips/wide.mp4", "caption"] == "a wide grey clip"
+    assert list(pd.read_csv(tmp_path / "ok.csv").columns) == ["path", "text", "num_frames", "height", "width",
+                                                              "aspect_ratio", "fps"]
     assert (tmp_path / "ok_scan.csv").is_file()
     with pytest.raises(ValueError, match="unknown keys"):
         from opensora.tasks.scan_videos import apply_filters

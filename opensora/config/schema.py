@@ -287,9 +287,102 @@ class BenchmarkTask:
     results_file: str = rule(MISSING, path="parent")
 
 
+# Data tools (opensora/data/scenes.py, motion.py, datautil.py): each reads csv_path, writes output_csv
+# (null: beside the input, named as the original tools name their outputs).
+
+
+@dataclass
+class CsvToolTask:
+    """What every data tool has: its input CSV, its output CSV, the folder of relative paths, worker processes."""
+
+    csv_path: str = rule(MISSING, path="file")
+    output_csv: Optional[str] = None
+    video_folder: Optional[str] = rule(None, path="dir")
+    num_workers: int = rule(2, ge=0)
+
+
+@dataclass
+class SceneDetectTask(CsvToolTask):
+    _target_: str = "opensora.tasks.scene_detect.run"
+    adaptive_threshold: float = rule(3.0, gt=0)
+    min_scene_len: int = rule(15, ge=1)
+    start_in_scene: bool = True
+
+
+@dataclass
+class SceneCutTask(CsvToolTask):
+    _target_: str = "opensora.tasks.scene_cut.run"
+    save_dir: Optional[str] = None
+    min_seconds: Optional[float] = rule(None, gt=0)
+    max_seconds: Optional[float] = rule(None, gt=0)
+    target_fps: Optional[float] = rule(30, gt=0)
+    shorter_size: Optional[int] = rule(720, ge=2, help="an even number of pixels")
+    upscale: bool = True
+    crf: int = rule(23, ge=0, le=51)
+
+
+class MotionReference(StrEnum):
+    previous = "previous"
+    first = "first"
+
+
+@dataclass
+class CameraMotionTask(CsvToolTask):
+    _target_: str = "opensora.tasks.camera_motion.run"
+    frame_interval: int = rule(15, ge=1)
+    tau_static: float = rule(1.0, ge=0)
+    tau_zoom: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    reference: MotionReference = MotionReference.previous
+
+
+@dataclass
+class FlowScoreTask(CsvToolTask):
+    _target_: str = "opensora.tasks.flow_score.run"
+    frame_indices: list[int] = field(default_factory=lambda: [0, 10, 20, 30])
+    size: list[int] = field(default_factory=lambda: [320, 576])
+
+
+class InfoMode(StrEnum):
+    missing = "missing"
+    all = "all"
+    none = "none"
+
+
+@dataclass
+class DatautilTask(CsvToolTask):
+    _target_: str = "opensora.tasks.datautil.run"
+    csv_path: Any = MISSING  # a CSV, a glob or a list of them
+    difference: Optional[str] = rule(None, path="file")
+    intersection: Optional[str] = rule(None, path="file")
+    train_columns_only: bool = False
+    info: InfoMode = InfoMode.missing
+    check_decode: bool = False
+    exists: bool = False
+    remove_url: bool = False
+    remove_empty_caption: bool = False
+    remove_path_duplication: bool = False
+    remove_text_duplication: bool = False
+    refine_llm_caption: bool = False
+    clean_caption: bool = False
+    merge_cmotion: bool = False
+    relpath: Optional[str] = None
+    abspath: Optional[str] = None
+    sort: Optional[str] = None
+    sort_ascending: bool = False
+    fmin: Optional[int] = None
+    fmax: Optional[int] = None
+    hwmin: Optional[int] = None
+    hwmax: Optional[int] = None
+    aesmin: Optional[float] = None
+    matchmin: Optional[float] = None
+    flowmin: Optional[float] = None
+    shard: Optional[int] = rule(None, ge=1)
+
+
 TASKS = {"train": TrainTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
          "embed_video": EmbedVideoTask, "scan_videos": ScanVideosTask, "convert": ConvertTask,
-         "benchmark": BenchmarkTask}
+         "benchmark": BenchmarkTask, "scene_detect": SceneDetectTask, "scene_cut": SceneCutTask,
+         "camera_motion": CameraMotionTask, "flow_score": FlowScoreTask, "datautil": DatautilTask}
 
 
 # ================================================================
