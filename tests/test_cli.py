@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -156,7 +154,7 @@ def test_killed_run_resumes_from_its_directory_to_the_same_weights(tmp_path):
 
 
 def test_multirun_two_points_two_wandb_runs(tmp_path):
-    proc = run_cli(["-m", "optim.lr=1e-4,3e-4", "debug=fast", *TINY, "task.eval=null",
+    run_cli(["-m", "optim.lr=1e-4,3e-4", "debug=fast", *TINY, "task.eval=null",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     jobs = sorted((tmp_path / "sweep").glob("[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import mindspore as ms  # noqa: F401 - before decord (see opensora.utils.video_io)
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import BAD, VIDEOS, compose_cfg, frame_ids, make_media, still_image, write_mp4
+from helpers import BAD, VIDEOS, compose_cfg, frame_ids, make_media, still_image
 from opensora.data.cache import check_meta, load_text_embedding, read_index, read_meta, text_cache_settings, \
     video_cache_settings
 from opensora.data.loader import BadSampleError, BatchLoader, TooManyBadSamples, collate

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from mindspore import nn
 from mindspore.experimental.optim import AdamW
-from omegaconf import OmegaConf
 
 from mindspore import amp
 

@@ -120,7 +120,6 @@ def test_recipe_composes_to_the_original_settings(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_staged_commands_of_a_recipe_compose(name, tmp_path):
-    fps = RECIPES[name][3]
     cfg = compose_cfg([f"experiment={name}", "task.text_embed_folder=E", "task.save_latents=true"], tmp_path)
     assert cfg.task._target_ == "opensora.tasks.sample.run" and cfg.task.save_latents
     cfg = compose_cfg([f"experiment={name}", "task=decode", "task.latents_dir=L"], tmp_path)

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from helpers import CONF, ROOT, compose_cfg, run_cli
+from helpers import CONF, compose_cfg, run_cli
 from opensora.sweeps import best_job
 from opensora.tasks import optimized_value
 

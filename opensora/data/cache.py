@@ -20,15 +20,10 @@ from typing import Mapping, Optional
 import numpy as np
 import pandas as pd
 
+from opensora.utils.tensor_files import atomic_savez, atomic_write, atomic_write_text
+
 META = "cache_meta.json"
 INDEX = "index.csv"
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.stem}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def save_text_embedding(path: str | os.PathLike, text_emb: np.ndarray, mask: np.ndarray) -> None:
@@ -37,7 +32,7 @@ def save_text_embedding(path: str | os.PathLike, text_emb: np.ndarray, mask: np.
     if text_emb.ndim != 2 or mask.shape != text_emb.shape[:1]:
         raise ValueError(f"text embedding for {path}: expected text_emb [L, D] and mask [L], "
                          f"got {text_emb.shape} and {mask.shape}")
-    _atomic_savez(Path(path), text_emb=text_emb.astype(np.float32), mask=mask.astype(np.int32))
+    atomic_savez(Path(path), text_emb=text_emb.astype(np.float32), mask=mask.astype(np.int32))
 
 
 def load_text_embedding(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +49,7 @@ def save_video_latent(path: str | os.PathLike, latent: np.ndarray, **extra: np.n
     latent = np.asarray(latent)
     if latent.ndim != 4:
         raise ValueError(f"video latent for {path}: expected [C, T, H, W], got shape {latent.shape}")
-    _atomic_savez(Path(path), latent=latent.astype(np.float32), **extra)
+    atomic_savez(Path(path), latent=latent.astype(np.float32), **extra)
 
 
 def load_video_latent(path: str | os.PathLike) -> np.ndarray:
@@ -67,9 +62,8 @@ def load_video_latent(path: str | os.PathLike) -> np.ndarray:
 def write_meta(folder: str | os.PathLike, kind: str, settings: Mapping) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{META}"
-    tmp.write_text(json.dumps({"kind": kind, "settings": dict(settings)}, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, folder / META)
+    atomic_write_text(folder / META, json.dumps({"kind": kind, "settings": dict(settings)}, indent=1, sort_keys=True,
+                                                default=str))
 
 
 def read_meta(folder: str | os.PathLike) -> Optional[dict]:
@@ -103,10 +97,7 @@ def write_index(folder: str | os.PathLike, rows: pd.DataFrame) -> None:
     missing = {"caption", "path"} - set(rows.columns)
     if missing:
         raise ValueError(f"cache index needs columns caption, path; missing {sorted(missing)}")
-    folder = Path(folder)
-    tmp = folder / f".tmp-{INDEX}"
-    rows.to_csv(tmp, index=False)
-    os.replace(tmp, folder / INDEX)
+    atomic_write(Path(folder) / INDEX, lambda tmp: rows.to_csv(tmp, index=False))
 
 
 def read_index(folder: str | os.PathLike) -> pd.DataFrame:

@@ -36,6 +36,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from opensora.parallel.strategy import ReplicatedStrategy, Update, make_ema
+from opensora.utils.tensor_files import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def gather_owned(local: Mapping, entries: Sequence[Entry], rank: int, world_size
         buf = np.zeros(width, np.float32)
         offset = 0
         for e in shares[rank]:
-            value = _to_numpy(local[e.key]).astype(np.float32).reshape(-1)
+            value = to_numpy(local[e.key]).astype(np.float32).reshape(-1)
             buf[offset:offset + value.size] = value
             offset += value.size
         gathered = allgather(ms.Tensor(buf)).asnumpy().reshape(world_size, width)
@@ -292,12 +293,6 @@ def _buckets(entries: Sequence[Entry], size: int):
         n += k
     if group:
         yield group
-
-
-def _to_numpy(value) -> np.ndarray:
-    if value.dtype == ms.bfloat16:  # numpy has no bfloat16: go through float32
-        value = value.astype(ms.float32)
-    return value.asnumpy()
 
 
 def _np_dtype(value) -> np.dtype:

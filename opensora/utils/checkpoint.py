@@ -18,22 +18,11 @@ from typing import Mapping, Optional
 
 import mindspore as ms
 
+from opensora.utils.tensor_files import atomic_write_text, save_ms_checkpoint
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_params(params: Mapping[str, ms.Parameter], path: Path) -> None:
-    ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(path))
 
 
 class CheckpointManager:
@@ -55,16 +44,16 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            _save_params(model_params, tmp / "model.ckpt")
+            save_ms_checkpoint(model_params, tmp / "model.ckpt")
             if ema_params is not None:
-                _save_params(ema_params, tmp / "ema.ckpt")
-            _save_params(optimizer_params, tmp / "optimizer.ckpt")
+                save_ms_checkpoint(ema_params, tmp / "ema.ckpt")
+            save_ms_checkpoint(optimizer_params, tmp / "optimizer.ckpt")
             with open(tmp / "state.json", "w") as f:
                 json.dump({**state, "step": step}, f, indent=1)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write_text(self.dir / LATEST, name)
+            atomic_write_text(self.dir / LATEST, name)
         except (OSError, RuntimeError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()

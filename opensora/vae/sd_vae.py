@@ -16,13 +16,11 @@ import numpy as np
 
 import mindspore as ms
 
+from opensora.utils.tensor_files import resolve_dtype
 from opensora.vae.autoencoder_kl import (AutoencoderKL, AutoencoderKLConfig, DecodeNet, DiagonalGaussianDistribution,
                                          EncodeNet, find_weight_file, load_weights, state_dict)
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
-           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
 
 
 def _resolve(from_pretrained, config) -> tuple[Optional[Path], AutoencoderKLConfig]:
@@ -79,9 +77,7 @@ class VideoAutoencoderKL:
                  shift_factor: Optional[float] = None, sample_posterior: bool = False, seed: int = 0,
                  dtype: str = "fp32", latent_channels: Optional[int] = None, downsample=None,
                  conv_impl: str = "auto"):
-        if dtype not in _DTYPES:
-            raise ValueError(f"VideoAutoencoderKL dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
-        ms_dtype = _DTYPES[dtype]
+        ms_dtype = resolve_dtype(dtype, "vae.dtype")
         if ms_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
             raise ValueError("VideoAutoencoderKL dtype=bf16: MindSpore has no bfloat16 Conv2D kernel on CPU; "
                              "use fp32 or fp16")
