@@ -41,7 +41,7 @@ def tiny_overrides(assets: Path) -> list[str]:
             "data.num_frames=4", "data.image_size=8", "vae=identity",
             f"text_encoder.from_pretrained={assets / 't5'}", f"text_encoder.output_dim={T5_DIM}",
             f"text_encoder.model_max_length={T5_LEN}", "scheduler.num_sampling_steps=3",
-            "scheduler.clip_denoised=true", "precision=fp32", f"task.prompt_file={PROMPT_FILE}"]
+            "scheduler.clip_denoised=true", "precision=fp32", f"data.prompt_file={PROMPT_FILE}"]
 
 
 def write_text_cache(folder: Path, t5_folder: Path, prompts: list[str]) -> None:

@@ -63,10 +63,10 @@ def run(cfg: DictConfig) -> dict:
     out = run_dir(cfg)
     record_run(cfg, out)
     rows, source = text_entries(task)
-    settings = text_cache_settings(cfg.text_encoder)
+    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
+    settings = text_cache_settings(cfg.text_encoder)  # now that its files (a trained tokenizer) exist
     if read_meta(folder) is not None and not task.overwrite:
         check_meta(folder, "text", settings, "task.output_dir")  # adding to a cache of the same encoder only
-    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
     info = {**settings, "from_pretrained": OmegaConf.select(cfg, "text_encoder.from_pretrained"),
             "dtype": OmegaConf.select(cfg, "text_encoder.dtype"), "source": source}
     write_meta(folder, "text", info)
