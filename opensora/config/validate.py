@@ -354,6 +354,20 @@ def _sample_source(cfg) -> list[str]:
 
 
 @check
+def _tracking(cfg) -> list[str]:
+    """logger.mode=online with a server that cannot be reached: said now, not after W&B's own 90 s timeout."""
+    if value_of(cfg, "logger.mode") != "online" or value_of(cfg, "logger.if_unreachable") != "fail":
+        return []
+    from opensora.logger.wandb import server_unreachable
+
+    problem = server_unreachable(float(value_of(cfg, "logger.reach_timeout_s") or 5.0))
+    if problem is None:
+        return []
+    return [f"logger.mode=online but {problem}: use logger.mode=offline (upload later with `wandb sync "
+            "<run>/wandb/offline-run-*`), logger=none, or logger.if_unreachable=offline to fall back to offline"]
+
+
+@check
 def _resume(cfg) -> list[str]:
     from opensora.config.resume import resume_problem
 
