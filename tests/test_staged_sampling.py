@@ -108,7 +108,8 @@ def test_recipe_composes_to_the_original_settings(name, tmp_path):
     assert cfg.vae._target_ == "opensora.vae.VideoAutoencoderKL" and cfg.vae.scale_factor == 0.18215
     assert list(cfg.vae.downsample) == [1, 8, 8] and cfg.vae.micro_batch_size == 16
     s = cfg.scheduler
-    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler) == (100, 7.0, 3, "ancestral")
+    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler._target_) == (
+        100, 7.0, 3, "opensora.scheduler.samplers.AncestralSampler")
     assert not s.clip_denoised and not s.predict_xstart
     assert len(instantiate(s).timestep_map) == 100
     assert cfg.task.fps == fps == cfg.data.fps and cfg.task.batch_size == 1

@@ -128,7 +128,7 @@ RULES: dict[str, dict] = {
     "scheduler.num_sampling_steps": dict(ge=1, help="null: the full diffusion"),
     "scheduler.diffusion_steps": dict(ge=1),
     "scheduler.cfg_scale": dict(ge=0),
-    "scheduler.ddim_eta": dict(ge=0),
+    "scheduler.sampler.eta": dict(ge=0),
     "vae.micro_batch_size": dict(ge=1),
     "text_encoder.model_max_length": dict(ge=1),
 }
@@ -136,7 +136,7 @@ RULES: dict[str, dict] = {
 # Keys of _target_ sections read by this project's code rather than passed to the target.
 CONFIG_ONLY: dict[str, set] = {"model": {"pretrained"}}
 # The _target_ sections whose keys are checked against their target's signature.
-TARGET_SECTIONS = ("model", "scheduler", "vae", "text_encoder", "data.dataset", "optim.optimizer",
+TARGET_SECTIONS = ("model", "scheduler", "scheduler.sampler", "vae", "text_encoder", "data.dataset", "optim.optimizer",
                    "optim.lr_schedule", "logger", "task.timestep_sampling", "parallel")
 
 

@@ -196,7 +196,7 @@ def video_cache_settings(data, vae) -> dict:
     """What makes video latents interchangeable, from the `data` and `vae` configs: frames, frame
     interval, image size ([H, W]), the VAE (target, and the content fingerprint of its weights and config), its
     scale factor and whether it samples the posterior."""
-    from opensora.data.video import as_size
+    from opensora.data.aspect import as_size
 
     data, vae = _plain(data), _plain(vae)
     weights = vae.get("from_pretrained")
