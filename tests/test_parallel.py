@@ -89,8 +89,8 @@ def test_multirun_under_msrun_makes_one_sweep_directory(tmp_path):
     assert [name for name, text in logs.items() if "sweep best: train/final_loss_avg = " in text] == ["worker_0.log"]
 
 
-NODE = """Runs msrun as a second node whose master is "another machine" (tests/test_parallel.py): on one machine both
-nodes see the master address as local, and msrun would start a second scheduler."""
+NODE = '''"""Runs msrun as a second node whose master is "another machine" (tests/test_parallel.py): on one machine
+both nodes see the master address as local, and msrun would start a second scheduler."""
 import sys
 
 import mindspore.parallel.cluster.process_entity._api as api
@@ -100,7 +100,7 @@ from mindspore.parallel.cluster.run import main  # noqa: E402
 
 sys.argv[0] = "msrun"
 sys.exit(main())
-"""
+'''
 
 
 @pytest.mark.slow
