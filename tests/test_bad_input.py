@@ -199,8 +199,9 @@ def test_resume_of_what_is_not_a_run_writes_nothing(tmp_path):
 def test_online_tracking_without_a_server_fails_fast_or_falls_back_offline(tmp_path):
     import time
 
-    env = {**os.environ, "WANDB_MODE": "", "WANDB_SILENT": "true", "PROJECT_ROOT": str(tmp_path),
-           "HYDRA_FULL_ERROR": "1", "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing listens on port 9
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the mode comes from logger.mode here
+    env.update({"WANDB_SILENT": "true", "PROJECT_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1",
+                "WANDB_BASE_URL": "http://127.0.0.1:9"})  # nothing listens on port 9
     t0 = time.monotonic()
     proc = run_cli(["logger.mode=online", "logger.reach_timeout_s=2"], tmp_path, check=False, env=env)
     assert proc.returncode == 2 and time.monotonic() - t0 < 60
