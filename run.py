@@ -1,8 +1,9 @@
-"""Entry point: compose the config, seed, run the selected task, return its metric.
+"""Entry point: compose the config, run the selected task, return the metric a sweep optimises.
 
     python run.py                                  # the built-in demo
     python run.py experiment=<name> key=value ...  # any recipe, any override
-    python run.py -m optim.lr=1e-4,3e-4            # a sweep
+    python run.py -m hparams_search=lr_grid        # a sweep
+    python run.py resume=outputs/runs/<run>        # continue a run from its directory
 """
 import hydra
 from omegaconf import DictConfig
@@ -13,7 +14,7 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig):
     from opensora.tasks import run_task
 
     return run_task(cfg)

@@ -1,9 +1,12 @@
 """Sweep bookkeeping: each multirun job's returned metric, and the best one printed at the end.
 
-Registered in conf/config.yaml as a Hydra callback, so every `python run.py -m ...` (grid, ablation
-or Optuna search, see sweeps/) ends with a line like
+Registered in conf/config.yaml as a Hydra callback, so every `python run.py -m ...` (grid, ablation or Optuna
+search, conf/hparams_search/) ends with a line like
 
-    sweep best: loss = 0.4212 (minimize) at job 1: optim.lr=0.0003 [2 jobs, outputs/multiruns/.../sweep_results.json]
+    sweep best: eval/color_acc = 1 (maximize) at job 1: optim.lr=0.001 [2 jobs, outputs/multiruns/.../sweep_results.json]
+
+The metric and its direction are the sweep definition's (`optimized_metric`, `optimized_direction`); a job whose
+task did not return that metric fails, naming it (opensora/tasks/__init__.py).
 """
 from __future__ import annotations
 
@@ -24,11 +27,6 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"
 
 
-def metric_direction(metric: str) -> str:
-    """`minimize` for losses, `maximize` for everything else (accuracies, scores)."""
-    return "minimize" if "loss" in metric.lower() else "maximize"
-
-
 def best_job(results: list[dict], direction: str) -> Optional[dict]:
     """The result with the best finite `value` (None when there is none)."""
     finite = [r for r in results if isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
@@ -46,14 +44,8 @@ class SweepBestCallback(Callback):
     """Writes each multirun job's metric to `<job dir>/job_result.json`; at the end reads them all back
     from the sweep directory, writes `sweep_results.json` there and prints the best.
 
-    direction: `minimize`, `maximize`, or null: task.metric_direction when the task sets it, else
-    inferred from task.metric (losses are minimised, anything else maximised).
+    The metric and direction are each job's `optimized_metric` / `optimized_direction`.
     """
-
-    def __init__(self, direction: Optional[str] = None):
-        if direction not in (None, "minimize", "maximize"):
-            raise ValueError(f"hydra.callbacks.sweep_best.direction={direction!r}: use minimize, maximize or null")
-        self.direction = direction
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         hc = HydraConfig.get()
@@ -62,8 +54,8 @@ class SweepBestCallback(Callback):
         status = getattr(job_return.status, "name", str(job_return.status))
         value = job_return.return_value if status == "COMPLETED" else None
         record = {"job": hc.job.num, "overrides": list(hc.overrides.task), "status": status,
-                  "metric": str(config.task.get("metric", "value")) if config.get("task") else "value",
-                  "direction": config.task.get("metric_direction") if config.get("task") else None,
+                  "metric": config.get("optimized_metric"),
+                  "direction": str(config.get("optimized_direction") or "minimize"),
                   "value": float(value) if isinstance(value, (int, float)) else None}
         out = Path(hc.runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -80,8 +72,11 @@ class SweepBestCallback(Callback):
         if not results:
             print(f"sweep best: no job results in {sweep_dir}", flush=True)
             return
-        metric = results[0]["metric"]
-        direction = self.direction or results[0].get("direction") or metric_direction(metric)
+        metric, direction = results[0]["metric"], results[0]["direction"]
+        if metric is None:
+            print(f"sweep best: no optimized_metric set ({len(results)} jobs, {sweep_dir}); choose one with "
+                  "hparams_search=... or optimized_metric=KEY optimized_direction=minimize|maximize", flush=True)
+            return
         best = best_job(results, direction)
         summary = {"metric": metric, "direction": direction, "best": best, "jobs": results}
         (sweep_dir / "sweep_results.json").write_text(json.dumps(summary, indent=1))

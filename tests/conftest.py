@@ -1,29 +1,16 @@
-"""Shared fixtures: Hydra composition without a running app, and the repo root."""
+"""pytest set-up: tests/helpers.py (what the tests share) is importable as `helpers`; W&B stays silent."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-
-from opensora.config import register_configs
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_SILENT", "true")
-register_configs()
 
+import pytest  # noqa: E402
 
-def compose_cfg(overrides=(), output_dir=None):
-    """Compose conf/config.yaml like run.py would; `paths.output_dir` pinned (no Hydra runtime here)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir or ROOT / "outputs" / "pytest")
-    return cfg
+from helpers import compose_cfg  # noqa: E402
 
 
 @pytest.fixture

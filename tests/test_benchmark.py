@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from opensora.model import STDiT, layers
 from opensora.tasks.benchmark import model_flops, stdit_matmul_flops
 

@@ -4,43 +4,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import TINY, load_ckpt, run_cli
 from opensora.logger.wandb import read_offline_run
 
 pytestmark = pytest.mark.slow
 
-# A tiny, fast training setup shared by the runs below.
-SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2", "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1",
-         "data.batch_size=4", "data.dataset.num_samples=64", "scheduler.num_sampling_steps=3"]
-TINY = [*SMALL, "task.eval.num_samples_per_prompt=1", "task.eval.batch_size=8", "task.eval.upscale=2"]
+SMALL = [a for a in TINY if not a.startswith("task.eval")]
 
 
-def run_cli(args, tmp_path, check=True, timeout=600, popen=False):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PROJECT_ROOT": str(tmp_path),
-           "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, str(ROOT / "run.py"), *args]
-    if popen:  # background run in its own process group, output to a file (a full pipe would block it)
-        log = open(tmp_path / "background.log", "w")
-        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def load_ckpt(path):
-    import mindspore as ms
-
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+def tree(folder: Path) -> dict:
+    """{relative path: bytes} of every file under `folder` (to prove a refused command changed nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +56,29 @@ def test_train_writes_checkpoints_samples_scores_and_wandb(trained):
     assert wb["config"]["model"]["hidden_size"] == 32 and wb["config"]["task"]["max_steps"] == 6
 
 
-def test_sample_task_writes_playable_mp4(trained, tmp_path):
+def test_sample_from_a_run_needs_only_the_run(trained, tmp_path):
+    """task.run takes the run's model, text encoder (with the tokenizer it trained), VAE, data sizes and
+    scheduler, and its latest checkpoint: nothing of the training command is repeated."""
     from opensora.utils.video_io import read_video
 
     run_dir, _ = trained
     out = tmp_path / "sample"
-    run_cli([*SMALL, "task=sample", f"task.ckpt_path={run_dir}/checkpoints/latest", "text_encoder=t5_folder",
-             f"text_encoder.from_pretrained={run_dir}/text_encoder", "task.prompts=[a red square moving left,"
-             "a blue circle moving up]", "task.evaluate=true", "task.upscale=4", "logger=none",
-             f"hydra.run.dir={out}"], tmp_path)
+    run_cli(["task=sample", f"task.run={run_dir}", "task.prompts=[a red square moving left,a blue circle moving up]",
+             "task.evaluate=true", "task.upscale=4", "logger=none", f"hydra.run.dir={out}"], tmp_path)
     videos = sorted((out / "samples").glob("*.mp4"))
     assert [v.name for v in videos] == ["000-a-red-square-moving-left.mp4", "001-a-blue-circle-moving-up.mp4"]
     frames = read_video(videos[0])
-    assert frames.shape == (4, 32, 32, 3)  # 4 frames of 8x8 upscaled 4x
+    assert frames.shape == (4, 32, 32, 3)  # the run's 4 frames of 8x8, upscaled 4x
     assert json.loads((out / "samples" / "scores.json").read_text())["n"] == 2
+    record = (out / "config_resolved.yaml").read_text()
+    assert f"from_pretrained: {run_dir}/text_encoder" in record and "hidden_size: 32" in record
+
+    # the same with every part named by hand gives the same video
+    again = tmp_path / "by_hand"
+    run_cli([*SMALL, "task=sample", f"task.ckpt_path={run_dir}/checkpoints/latest", "text_encoder=t5_folder",
+             f"text_encoder.from_pretrained={run_dir}/text_encoder", "task.prompts=[a red square moving left]",
+             "task.upscale=4", "logger=none", f"hydra.run.dir={again}"], tmp_path)
+    np.testing.assert_array_equal(read_video(sorted((again / "samples").glob("*.mp4"))[0]), frames)
 
 
 def test_sample_errors_are_clear(trained, tmp_path):
@@ -97,23 +86,38 @@ def test_sample_errors_are_clear(trained, tmp_path):
     base = [*SMALL, "task=sample", "text_encoder=t5_folder", f"text_encoder.from_pretrained={run_dir}/text_encoder",
             "logger=none", f"hydra.run.dir={tmp_path / 'x'}"]
     proc = run_cli([*base, f"task.ckpt_path={run_dir}", "task.prompts=[]"], tmp_path, check=False)
-    assert proc.returncode != 0 and "no prompts" in proc.stderr
+    assert proc.returncode == 2 and "no prompts" in proc.stderr
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    proc = run_cli([*base, f"task.ckpt_path={run_dir}", f"task.prompt_file={tmp_path / 'blank.txt'}"], tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and f"task.prompt_file={tmp_path / 'blank.txt'} holds no prompt" in proc.stderr
     proc = run_cli([*base, "task.prompts=[a red square moving left]"], tmp_path, check=False)
-    assert proc.returncode != 0 and "task.ckpt_path" in proc.stderr
+    assert proc.returncode == 2 and "task.ckpt_path" in proc.stderr and "task.run" in proc.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_resume_without_checkpoint_names_the_directory(tmp_path):
+def test_resume_of_a_folder_that_is_no_run_is_refused_before_anything_is_written(trained, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    proc = run_cli([*TINY, f"resume={empty}", "logger=none"], tmp_path, check=False)
-    assert proc.returncode != 0 and f"no checkpoint in {empty}/checkpoints" in proc.stderr
+    proc = run_cli([f"resume={empty}", "logger=none"], tmp_path, check=False)
+    assert proc.returncode == 2 and f"resume={empty}: {empty} is not a run directory" in proc.stderr
+    assert list(empty.iterdir()) == []
+    proc = run_cli([f"resume={tmp_path / 'nonexistent'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr and not (tmp_path / "nonexistent").exists()
+    run_dir, _ = trained
+    step = run_dir / "checkpoints" / "step_000003"
+    before = tree(run_dir)
+    proc = run_cli([f"resume={step}", "model.hidden_size=64", "logger=none"], tmp_path, check=False)
+    assert proc.returncode == 2 and "model.hidden_size: 32 -> 64" in proc.stderr
+    assert tree(run_dir) == before  # the run directory is byte-identical
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL a run after its first checkpoint; resuming it ends bit-for-bit (within fp32 noise) where an
-    uninterrupted run ends (1e-4; one repeated or skipped Adam step would move weights by ~lr = 1e-3). Caption dropout is off so that in-graph randomness plays no part."""
-    args = [*TINY, "model.class_dropout_prob=0", "task.max_steps=60", "task.ckpt_every=4", "task.eval=null",
-            "optim.lr_schedule.kind=constant", "logger=none"]
+def test_killed_run_resumes_from_its_directory_to_the_same_weights(tmp_path):
+    """SIGKILL a run after its first checkpoint; `resume=<run>` alone (no overrides repeated) ends bit-for-bit
+    (within fp32 noise) where an uninterrupted run ends (1e-4; one repeated or skipped Adam step would move
+    weights by ~lr = 1e-3), with the same loss trace (the smoothed loss at every checkpoint)."""
+    args = [*SMALL, "task.max_steps=60", "task.ckpt_every=4", "task.keep_last=20", "task.eval=null",
+            "optim/lr_schedule=constant", "logger=none"]
     ref = tmp_path / "ref"
     run_cli([*args, f"hydra.run.dir={ref}"], tmp_path)
 
@@ -129,8 +133,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     first = (killed / "checkpoints" / "latest").read_text().strip()
     assert first != "step_000060", "the run finished before it could be killed"
 
-    resumed = run_cli([*args, f"resume={killed}"], tmp_path)
+    record = tree(killed / ".hydra")
+    resumed = run_cli([f"resume={killed}"], tmp_path)
     assert "resumed from" in resumed.stderr + resumed.stdout
+    assert tree(killed / ".hydra") == record  # the first run's record is never rewritten
+    (again,) = (killed / "resumes").iterdir()
+    assert (again / ".hydra" / "config.yaml").is_file() and (again / "config_resolved.yaml").is_file()
     a = load_ckpt(ref / "checkpoints" / "step_000060" / "model.ckpt")
     b = load_ckpt(killed / "checkpoints" / "step_000060" / "model.ckpt")
     assert a.keys() == b.keys()
@@ -139,10 +147,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     sa = json.loads((ref / "checkpoints" / "step_000060" / "state.json").read_text())
     sb = json.loads((killed / "checkpoints" / "step_000060" / "state.json").read_text())
     assert sa["data"] == sb["data"] and sa["rng"] == sb["rng"]
+    for ckpt in sorted((killed / "checkpoints").glob("step_*")):  # the loss trace
+        la = json.loads((ref / "checkpoints" / ckpt.name / "state.json").read_text())["loss_avg"]
+        lb = json.loads((ckpt / "state.json").read_text())["loss_avg"]
+        assert abs(la - lb) <= 1e-5 * abs(la), ckpt.name
 
 
 def test_multirun_two_points_two_wandb_runs(tmp_path):
-    proc = run_cli(["-m", "optim.lr=1e-4,3e-4", "debug=fast", *TINY, "task.eval=null",
+    run_cli(["-m", "optim.lr=1e-4,3e-4", "debug=fast", *TINY, "task.eval=null",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     jobs = sorted((tmp_path / "sweep").glob("[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]

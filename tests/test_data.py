@@ -9,78 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import mindspore as ms  # noqa: F401 - before decord (see opensora.utils.video_io)
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg
+from helpers import BAD, VIDEOS, compose_cfg, frame_ids, make_media, still_image
 from opensora.data.cache import check_meta, load_text_embedding, read_index, read_meta, text_cache_settings, \
     video_cache_settings
-from opensora.data.loader import BadSampleError, BatchLoader, TooManyBadSamples, collate, prepare_batch
+from opensora.data.loader import BadSampleError, BatchLoader, TooManyBadSamples, collate
 from opensora.data.video import VideoTextDataset, read_video_csv, resize_crop, resize_crop_geometry, \
     sample_frame_indices
 
 NUM_FRAMES, INTERVAL, SIZE = 8, 3, 32
-
-# name: (frames, height, width, fps); "tall" has width 48, which decord returns with padded rows.
-VIDEOS = {"clips/wide.mp4": (50, 48, 80, 24), "clips/tall.mp4": (40, 96, 48, 30),
-          "clips/sub/small.mp4": (24, 32, 40, 12), "clips/short.mp4": (3, 40, 40, 24)}
-BAD = ["clips/short.mp4", "clips/corrupt.mp4", "clips/truncated.mp4", "clips/missing.mp4"]
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    import imageio_ffmpeg
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24",
-                                         pix_fmt_out="yuv420p", quality=None, macro_block_size=1,
-                                         ffmpeg_log_level="error", output_params=["-crf", "12", "-movflags", "+faststart"])
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
-
-
-def grey_clip(t: int, h: int, w: int) -> np.ndarray:
-    return np.broadcast_to((16 + 4 * np.arange(t, dtype=np.uint8))[:, None, None, None], (t, h, w, 3)).copy()
-
-
-def frame_ids(frames_uint8: np.ndarray) -> list[int]:
-    """Frame indices read back from grey levels (uint8 frames [T, H, W, 3])."""
-    return [int(round((float(f.mean()) - 16) / 4)) for f in frames_uint8]
-
-
-def still_image() -> np.ndarray:
-    """32 x 50 RGB pattern: R = 5 * column, G = 7 * row, B = 200."""
-    r, c = np.mgrid[0:32, 0:50]
-    return np.stack([5 * c, 7 * r, np.full_like(r, 200)], -1).astype(np.uint8)
-
-
-def make_media(root: Path) -> Path:
-    """Good videos of several sizes, fps and lengths, one too short, one corrupt, one truncated, one image and
-    one missing file, listed in root/videos.csv (paths relative to root)."""
-    from PIL import Image
-
-    for name, (t, h, w, fps) in VIDEOS.items():
-        write_mp4(root / name, grey_clip(t, h, w), fps)
-    (root / "clips/corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
-    rng = np.random.default_rng(1)
-    write_mp4(root / "clips/full.mp4", rng.integers(0, 256, (30, 32, 32, 3), np.uint8), 24)
-    data = (root / "clips/full.mp4").read_bytes()
-    (root / "clips/truncated.mp4").write_bytes(data[:int(len(data) * 0.6)])
-    (root / "clips/full.mp4").unlink()
-    (root / "stills").mkdir()
-    Image.fromarray(still_image()).save(root / "stills/still.png")
-    rows = [("clips/wide.mp4", "a wide grey clip"), ("clips/tall.mp4", "a tall grey clip"),
-            ("clips/sub/small.mp4", "a small grey clip"), ("clips/short.mp4", "a short clip"),
-            ("clips/corrupt.mp4", "a corrupt file"), ("clips/truncated.mp4", "a truncated clip"),
-            ("stills/still.png", "a still image"), ("clips/missing.mp4", "a missing clip")]
-    pd.DataFrame(rows, columns=["video", "caption"]).to_csv(root / "videos.csv", index=False)
-    return root / "videos.csv"
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +206,9 @@ def test_loader_skips_counts_and_logs_bad_samples(media, caplog):
 
 def test_loader_stops_above_max_bad_fraction(media):
     loader = BatchLoader(dataset(media), 2, seed=0, max_bad_fraction=0.25)
-    with pytest.raises(TooManyBadSamples, match=r"of \d samples read are bad.*data.max_bad_fraction=0.25.*First: "):
-        for _ in zip(range(8), loader):
+    with pytest.raises(TooManyBadSamples, match=r"4 of the 8 distinct samples read so far are bad \(50%.*"
+                                                 r"data.max_bad_fraction=0.25.*First: "):
+        for _ in zip(range(50), loader):
             pass
     # every sample bad: the slot gives up after max_retries with the paths
     (media.parent / "all_bad.csv").write_text("video,caption\nclips/corrupt.mp4,a\nclips/missing.mp4,b\n")
@@ -353,12 +296,31 @@ def test_worker_processes_give_the_same_batches(media):
     assert resumed.bad_samples.keys() == ref_loader.bad_samples.keys()
 
 
-def test_collate_and_prepare_batch():
-    vid, cap = collate([(np.zeros((3, 2, 4, 4)), "a"), (np.ones((3, 2, 4, 4)), "b")])
+def test_the_bad_share_is_judged_only_after_enough_reads(media):
+    """A 4-clip CSV with one corrupt file: 25% bad, judged only once all 4 were read (not after the first 2)."""
+    (media.parent / "one_bad.csv").write_text("video,caption\nclips/wide.mp4,a\nclips/tall.mp4,b\n"
+                                             "clips/sub/small.mp4,c\nclips/corrupt.mp4,d\n")
+    loader = BatchLoader(dataset(media.parent / "one_bad.csv"), 1, seed=0, max_bad_fraction=0.3)
+    batches = [b for _, b in zip(range(12), loader)]  # 3 epochs: the bad file is read, replaced, counted
+    assert len(batches) == 12 and loader.num_bad_samples == 1
+    strict = BatchLoader(dataset(media.parent / "one_bad.csv"), 1, seed=0, max_bad_fraction=0.2)
+    read = []
+    with pytest.raises(TooManyBadSamples, match=r"1 of the 4 distinct samples read so far are bad"):
+        for b in strict:
+            read.append(b)
+    assert len(read) >= 2  # it did not stop at the first bad read
+
+
+def test_collate_and_model_inputs():
+    from opensora.train.batch import model_inputs
+
+    batch = collate([{"video": np.zeros((3, 2, 4, 4), np.float32), "caption": "a"},
+                     {"video": np.ones((3, 2, 4, 4), np.float32), "caption": "b"}])
+    vid, cap = batch["video"], batch["caption"]
     assert vid.shape == (2, 3, 2, 4, 4) and vid.dtype == np.float32 and cap == ["a", "b"]
     items = [{"latent": np.full((4, 2, 2, 2), k, np.float32), "caption": f"c{k}", "text_emb": np.full((5, 6), k),
               "mask": np.arange(5) < 2 + k} for k in range(3)]
-    x, emb = prepare_batch(collate(items), None, None)  # nothing to encode: no VAE, no text encoder needed
+    x, emb = model_inputs(collate(items), None, None)  # nothing to encode: no VAE, no text encoder needed
     assert x.shape == (3, 4, 2, 2, 2) and emb["y"].shape == (3, 1, 5, 6) and emb["mask"].dtype == np.int32
     assert emb["mask"].sum(1).tolist() == [2, 3, 4] and emb["y"][2, 0, 0, 0] == 2
 
@@ -370,10 +332,10 @@ def test_collate_and_prepare_batch():
         def encode(self, captions):
             return {"y": np.zeros((len(captions), 1, 1, 1)), "mask": np.array([[len(c)] for c in captions])}
 
-    x, emb = prepare_batch({"video": np.ones((1, 3, 1, 2, 2)), "caption": ["abc"]}, Doubler(), Lengths())
+    x, emb = model_inputs({"video": np.ones((1, 3, 1, 2, 2)), "caption": ["abc"]}, Doubler(), Lengths())
     assert x.max() == 2 and emb["mask"].tolist() == [[3]]
     with pytest.raises(ValueError, match="no text encoder"):
-        prepare_batch({"latent": np.ones((1, 1)), "caption": ["a"]}, None, None)
+        model_inputs({"latent": np.ones((1, 1)), "caption": ["a"]}, None, None)
 
 
 # ================================================================
@@ -382,7 +344,7 @@ def test_collate_and_prepare_batch():
 
 
 def cfg_for(media, tmp_path, *extra):
-    return compose_cfg(["~experiment", "data=video_csv", f"data.csv_path={media}", f"data.num_frames={NUM_FRAMES}",
+    return compose_cfg(["data=video_csv", f"data.csv_path={media}", f"data.num_frames={NUM_FRAMES}",
                         f"data.frame_interval={INTERVAL}", "data.image_size=16", "data.num_workers=0",
                         "logger=none", *extra], tmp_path)
 
@@ -393,7 +355,7 @@ def test_text_cache_round_trip_and_refusal(media, tmp_path):
 
     folder = tmp_path / "t5"
     cfg = cfg_for(media, tmp_path / "run", f"data.text_embed_folder={folder}", "task=embed_text")
-    assert run(cfg) == 8
+    assert run(cfg) == {"embed_text/captions": 8}
     index = read_index(folder)
     assert index["video"].tolist() == read_video_csv(media)["video"].tolist()
     assert index["path"].tolist()[:3] == ["clips/wide.npz", "clips/tall.npz", "clips/sub/small.npz"]
@@ -419,6 +381,22 @@ def test_text_cache_round_trip_and_refusal(media, tmp_path):
     with pytest.raises(ValueError, match=r"data.text_embed_folder=.*model_max_length: cache 8 vs config 16.*"
                                          r"task=embed_text"):
         dataset(media, text_embed_folder=str(folder), text_cache_settings=text_cache_settings(other))
+    # the encoder is identified by its content, not its folder's name: another run's T5, also saved in a folder
+    # called text_encoder, with a tokenizer trained on other captions, is refused
+    from opensora.text_encoder import train_sentencepiece
+
+    other_run = tmp_path / "other" / "text_encoder"
+    train_sentencepiece([f"another caption number {i}" for i in range(30)], str(other_run), vocab_size=40)
+    T5Embedder(config=dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+               tokenizer_path=str(other_run / "spiece.model"), model_max_length=8).save_pretrained(str(other_run))
+    folder_cfg = {"_target_": "opensora.text_encoder.T5Embedder", "from_pretrained": str(other_run),
+                  "model_max_length": 8, "output_dim": 64, "clean_caption": False}
+    with pytest.raises(ValueError, match=r"text_encoder_fingerprint: cache '\w+' vs config '\w+' \(the weights or "
+                                         r"tokenizer differ"):
+        dataset(media, text_embed_folder=str(folder), text_cache_settings=text_cache_settings(folder_cfg))
+    same = {**folder_cfg, "from_pretrained": str(tmp_path / "run" / "text_encoder")}
+    assert text_cache_settings(same)["text_encoder_fingerprint"] == read_meta(folder)["settings"][
+        "text_encoder_fingerprint"]  # the folder the cache was built with (as t5_folder) matches
     # a missing file costs that sample only
     os.remove(folder / "clips/sub/small.npz")
     with pytest.raises(BadSampleError, match=r"small\.npz: text embedding file missing"):
@@ -431,7 +409,7 @@ def test_embed_text_from_prompts_writes_numbered_files(tmp_path):
 
     cfg = compose_cfg(["task=embed_text", f"task.output_dir={tmp_path / 'e'}", "logger=none"], tmp_path / "run")
     cfg.task.prompts = ["a red square moving left", "a blue circle, moving up"]
-    assert run(cfg) == 2
+    assert run(cfg) == {"embed_text/captions": 2}
     assert read_index(tmp_path / "e")["path"].tolist() == ["000000.npz", "000001.npz"]
     cache = CachedTextEmbeddings(str(tmp_path / "e"), caption_channels=64, model_max_length=8)
     assert cache.encode(["a blue circle, moving up"])["y"].shape == (1, 1, 8, 64)
@@ -442,7 +420,7 @@ def test_video_cache_round_trip_and_refusal(media, tmp_path):
 
     folder = tmp_path / "vae"
     cfg = cfg_for(media, tmp_path / "run", f"data.video_embed_folder={folder}", "task=embed_video")
-    assert run(cfg) == 4  # 3 videos + 1 image; the 4 bad files are skipped and listed
+    assert run(cfg) == {"embed_video/videos": 4}  # 3 videos + 1 image; the 4 bad files are skipped and listed
     bad = pd.read_csv(folder / "bad_videos.csv")
     assert sorted(bad["path"]) == sorted(str(media.parent / p) for p in BAD)
     index = read_index(folder)
@@ -517,7 +495,7 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     cfg = compose_cfg(["task=scan_videos", f"task.folder={folder}", "task.csv_path=null", "task.num_workers=0",
                        "task.filters.min_frames=8", "task.filters.min_height=32", "logger=none"], tmp_path)
     kept = run(cfg)
-    scan = pd.read_csv(tmp_path / "scan.csv").set_index("video")
+    scan = pd.read_csv(tmp_path / "scan.csv").set_index("path")
     assert "videos.csv" not in scan.index  # only media files
     for name, (t, h, w, fps) in VIDEOS.items():
         row = scan.loc[name]
@@ -528,8 +506,11 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     assert scan.loc["stills/still.png"][["num_frames", "height", "width"]].tolist() == [1, 32, 50]
     out = pd.read_csv(tmp_path / "videos.csv")
     # short.mp4 (3 frames) fails min_frames; the image is exempt from frame filters
-    assert sorted(out["video"]) == ["clips/sub/small.mp4", "clips/tall.mp4", "clips/wide.mp4", "stills/still.png"]
-    assert kept == 4 and "readable" not in out.columns
+    assert sorted(out["path"]) == ["clips/sub/small.mp4", "clips/tall.mp4", "clips/wide.mp4", "stills/still.png"]
+    assert kept == {"scan_videos/kept": 4} and "readable" not in out.columns
+    # exactly the training columns (a folder has no captions: empty text)
+    assert list(out.columns) == ["path", "text", "num_frames", "height", "width", "aspect_ratio", "fps"]
+    assert out["text"].isna().all()
     # CSV mode keeps the captions, so its output trains directly
     cfg = compose_cfg(["data=video_csv", f"data.csv_path={media}", "task=scan_videos", "task.num_workers=0",
                        f"task.output_csv={tmp_path / 'ok.csv'}", "logger=none"], tmp_path)
@@ -537,6 +518,8 @@ def test_scan_videos_measures_and_filters(media, tmp_path):
     ok = read_video_csv(tmp_path / "ok.csv")
     assert sorted(ok["video"]) == sorted(set(read_video_csv(media)["video"]) - set(BAD) | {"clips/short.mp4"})
     assert ok.set_index("video").loc["clips/wide.mp4", "caption"] == "a wide grey clip"
+    assert list(pd.read_csv(tmp_path / "ok.csv").columns) == ["path", "text", "num_frames", "height", "width",
+                                                              "aspect_ratio", "fps"]
     assert (tmp_path / "ok_scan.csv").is_file()
     with pytest.raises(ValueError, match="unknown keys"):
         from opensora.tasks.scan_videos import apply_filters

@@ -9,16 +9,15 @@ import shutil
 import numpy as np
 import pytest
 
-from test_cli import load_ckpt, run_cli
-from test_data import BAD, make_media
+from helpers import BAD, load_ckpt, make_media, run_cli
 
 pytestmark = pytest.mark.slow
 
-MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.class_dropout_prob=0"]
+MODEL = ["model=stdit_tiny", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.class_dropout_prob=0"]
 
 
 def data_args(csv):
-    return ["~experiment", "data=video_csv", f"data.csv_path={csv}", "data.num_frames=4", "data.frame_interval=2",
+    return ["data=video_csv", f"data.csv_path={csv}", "data.num_frames=4", "data.frame_interval=2",
             "data.image_size=16", "data.batch_size=2", "data.max_bad_fraction=0.6"]
 
 
@@ -32,7 +31,7 @@ def test_train_on_videos_skips_bad_files_and_resumes_mid_epoch(media, tmp_path):
     (mid-epoch); a copy resumed from step 3 with the loader in-process ends with the same weights and
     data position. Each bad file costs one log line and is counted in the summary."""
     args = [*data_args(media), *MODEL, "task.max_steps=6", "task.ckpt_every=3", "task.log_every=1", "task.eval=null",
-            "optim.lr_schedule.kind=constant", "logger=none"]
+            "optim/lr_schedule=constant", "logger=none"]
     ref = tmp_path / "ref"
     proc = run_cli([*args, "data.num_workers=2", f"hydra.run.dir={ref}"], tmp_path)
     out = proc.stdout + proc.stderr

@@ -162,7 +162,10 @@ def test_respaced_betas_and_original_timesteps(full, spaced):
     prev = np.concatenate([[1.0], ab[kept][:-1]])
     np.testing.assert_allclose(spaced.betas, 1 - ab[kept] / prev, rtol=1e-12)
     np.testing.assert_allclose(spaced.alphas_cumprod, ab[kept], rtol=1e-12)
-    assert IDDPM(num_sampling_steps=50, sampler="ddim").timestep_map == list(range(0, 1000, 20))
+    # DDIM respaces like the original (even sections) unless the DDIM paper's stride is asked for
+    assert IDDPM(num_sampling_steps=50, sampler="ddim").timestep_map == sorted(space_timesteps(1000, "50"))
+    assert IDDPM(num_sampling_steps=50, sampler="ddim", timestep_spacing="stride").timestep_map == \
+        list(range(0, 1000, 20))
     # the model gets the ORIGINAL timestep indices, int32, during sampling
     ten = IDDPM(num_sampling_steps=10)
     seen = []
@@ -375,9 +378,10 @@ class LinearCfgModel:
         return ms.Tensor(np.concatenate([eps, np.full_like(xn, 0.3)], axis=1).astype(np.float32))
 
 
-def test_sample_ddim_matches_numpy():
-    diff = IDDPM(num_sampling_steps=5, sampler="ddim", cfg_scale=3.0)
-    assert diff.timestep_map == [0, 200, 400, 600, 800]
+@pytest.mark.parametrize("spacing,kept", [("sections", [0, 250, 500, 749, 999]), ("stride", [0, 200, 400, 600, 800])])
+def test_sample_ddim_matches_numpy(spacing, kept):
+    diff = IDDPM(num_sampling_steps=5, sampler="ddim", cfg_scale=3.0, timestep_spacing=spacing)
+    assert diff.timestep_map == kept
     rng = np.random.default_rng(6)
     shape = (2, 4, 2, 3, 3)
     x_T = rng.standard_normal(shape)
@@ -387,7 +391,6 @@ def test_sample_ddim_matches_numpy():
     got = diff.sample(model, shape, y, None, y_null, noise=ms.Tensor(x_T, ms.float32), progress=False).asnumpy()
     ab = np.cumprod(1 - np_linear_betas())
     x = x_T.copy()
-    kept = [0, 200, 400, 600, 800]
     for k in reversed(range(5)):
         eps = -0.2 * x + 3.0 * (0.5 * x + 0.2 * x)  # uncond + s * (cond - uncond)
         a, a_prev = ab[kept[k]], (ab[kept[k - 1]] if k > 0 else 1.0)

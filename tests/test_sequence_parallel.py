@@ -5,16 +5,13 @@ x 2), and train steps of `run.py parallel=sequence` equal to one process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from conftest import ROOT, compose_cfg
+from helpers import ROOT, assert_same_training_state, compose_cfg, msrun_output, run_cli, run_msrun
 from opensora.model.stdit import Attention
 from opensora.parallel import ParallelContext
 from opensora.parallel.sequence import (
@@ -26,7 +23,6 @@ from opensora.parallel.sequence import (
     frame_shard,
     resolve_attention,
 )
-from test_parallel import _free_port, assert_same_training_state
 
 
 # ---------------------------------------------------------------- frames of each rank
@@ -159,26 +155,19 @@ def test_start_up_checks_name_both_settings(tmp_path):
     # the gathered keys/values need no head split; auto is allgather on CPU and ulysses on Ascend
     assert check_sequence_parallel(_cfg(tmp_path, *odd_heads, "data.num_frames=8"), 4) == 4
     with pytest.raises(ValueError, match=r"model.num_heads=2 .*parallel.sequence_attention=auto on Ascend"):
-        check_sequence_parallel(_cfg(tmp_path, *odd_heads, "parallel.device_target=Ascend"), 4)
+        check_sequence_parallel(_cfg(tmp_path, *odd_heads, "device.target=Ascend"), 4)
     assert resolve_attention("auto", "CPU") == "allgather" and resolve_attention("auto", "Ascend") == "ulysses"
     with pytest.raises(ValueError, match="parallel.sequence_attention='ring'"):
-        check_sequence_parallel(_cfg(tmp_path, "parallel.sequence_attention=ring"), 2)
+        resolve_attention("ring", "CPU")
+    from hydra.errors import ConfigCompositionException  # the typed section refuses it at compose time
+
+    with pytest.raises(ConfigCompositionException, match="sequence_attention=ring"):
+        _cfg(tmp_path, "parallel.sequence_attention=ring")
     with pytest.raises(ValueError, match=r"parallel=sequence is implemented for task=train only.*sample"):
         check_sequence_parallel(_cfg(tmp_path, "task=sample"), 2)
 
 
 # ---------------------------------------------------------------- real msrun jobs (slow)
-
-
-def _msrun(tmp_path, workers, args, name="msrun"):
-    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
-    cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={_free_port()}",
-           f"--log_dir={tmp_path / name}", "--join=True", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    logs = {p.name: p.read_text() for p in (tmp_path / name).glob("*.log")}
-    return proc, logs, env
 
 
 @pytest.mark.slow
@@ -189,9 +178,9 @@ def test_msrun_forward_and_gradients_equal_one_process(tmp_path, workers, sequen
     batch, for Ulysses (emulated AlltoAll) and allgather attention (with recompute). 4 ranks: two
     data-parallel groups of 2 (CPU emulates the groups on the world group)."""
     out = tmp_path / "result"
-    proc, logs, _ = _msrun(tmp_path, workers, [str(ROOT / "tests" / "sequence_parallel_worker.py"), str(out),
-                                               str(sequence_size), "pynative"])
-    assert proc.returncode == 0, proc.stdout[-2000:] + "\n".join(v[-3000:] for v in logs.values())
+    proc, logs = run_msrun([str(ROOT / "tests" / "sequence_parallel_worker.py"), str(out), str(sequence_size),
+                            "pynative"], tmp_path, workers=workers)
+    assert proc.returncode == 0, msrun_output(proc, logs)
     result = json.loads((out / "result.json").read_text())
     assert (result["world"], result["sequence_size"]) == (workers, sequence_size)
     for case in ("ulysses_recompute_None", "allgather_recompute_all"):
@@ -220,9 +209,9 @@ SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "m
 def test_msrun_sequence_parallel_training_equals_one_process(tmp_path):
     """`run.py parallel=sequence` on 2 ranks (each holds 2 of the 4 frames, Ulysses attention with the
     emulated AlltoAll; graph mode) trains the same weights as one process in 3 steps, caption dropout on."""
-    proc, logs, env = _msrun(tmp_path, 2, [str(ROOT / "run.py"), "parallel=sequence",
-                                           "parallel.sequence_attention=ulysses", *SMALL])
-    assert proc.returncode == 0, proc.stdout[-2000:] + "\n".join(v[-3000:] for v in logs.values())
+    proc, logs = run_msrun([str(ROOT / "run.py"), "parallel=sequence", "parallel.sequence_attention=ulysses", *SMALL],
+                           tmp_path)
+    assert proc.returncode == 0, msrun_output(proc, logs)
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1, runs  # one run directory for both ranks
     log_text = (runs[0] / "run.log").read_text()
@@ -231,14 +220,14 @@ def test_msrun_sequence_parallel_training_equals_one_process(tmp_path):
     sp = runs[0] / "checkpoints" / "step_000003"
 
     single = tmp_path / "single"
-    subprocess.run([sys.executable, str(ROOT / "run.py"), *SMALL, f"hydra.run.dir={single}"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    run_cli([*SMALL, f"hydra.run.dir={single}"], tmp_path)
     assert_same_training_state(sp, single / "checkpoints" / "step_000003", position=6)
 
 
 @pytest.mark.slow
 def test_bad_sequence_settings_stop_msrun_at_start_up(tmp_path):
-    proc, logs, _ = _msrun(tmp_path, 2, [str(ROOT / "run.py"), "parallel=sequence", "data.num_frames=3", "model.patch_size=[1,3,3]", "logger=none"])
+    proc, logs = run_msrun([str(ROOT / "run.py"), "parallel=sequence", "data.num_frames=3", "model.patch_size=[1,3,3]",
+                            "logger=none"], tmp_path)
     assert proc.returncode != 0
     text = proc.stdout + "".join(logs.values())
     assert "parallel.sequence_size=2 does not divide the 3 frames after patching" in text

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONF, ROOT, compose_cfg
+from helpers import CONF, ROOT, compose_cfg
 
 RECIPES = {
     # name: (latent input_size, space_scale, time_scale, fps, precision, flash attention, weights file)
@@ -38,10 +38,10 @@ def tiny_overrides(assets: Path) -> list[str]:
     clip_denoised keeps the samples of the random tiny model inside [-1, 1] (they would saturate)."""
     return ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", f"model.caption_channels={T5_DIM}",
             f"model.model_max_length={T5_LEN}", f"model.pretrained={assets / 'stdit.ckpt'}",
-            "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1", "vae=identity",
+            "data.num_frames=4", "data.image_size=8", "vae=identity",
             f"text_encoder.from_pretrained={assets / 't5'}", f"text_encoder.output_dim={T5_DIM}",
             f"text_encoder.model_max_length={T5_LEN}", "scheduler.num_sampling_steps=3",
-            "scheduler.clip_denoised=true", "precision=fp32", f"task.prompt_file={PROMPT_FILE}"]
+            "scheduler.clip_denoised=true", "precision=fp32", f"data.prompt_file={PROMPT_FILE}"]
 
 
 def write_text_cache(folder: Path, t5_folder: Path, prompts: list[str]) -> None:
@@ -108,11 +108,12 @@ def test_recipe_composes_to_the_original_settings(name, tmp_path):
     assert cfg.vae._target_ == "opensora.vae.VideoAutoencoderKL" and cfg.vae.scale_factor == 0.18215
     assert list(cfg.vae.downsample) == [1, 8, 8] and cfg.vae.micro_batch_size == 16
     s = cfg.scheduler
-    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler) == (100, 7.0, 3, "ancestral")
+    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler._target_) == (
+        100, 7.0, 3, "opensora.scheduler.samplers.AncestralSampler")
     assert not s.clip_denoised and not s.predict_xstart
     assert len(instantiate(s).timestep_map) == 100
-    assert cfg.task.fps == fps and cfg.task.batch_size == 1
-    assert cfg.task.prompt_file.endswith("assets/texts/t2v_samples.txt")
+    assert cfg.task.fps == fps == cfg.data.fps and cfg.task.batch_size == 1
+    assert cfg.task.prompt_file.endswith("assets/texts/t2v_samples.txt") and cfg.data.prompt_file == cfg.task.prompt_file
     assert len([ln for ln in PROMPT_FILE.read_text().splitlines() if ln.strip()]) == 10
     header = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
     assert f"#   python run.py experiment={name}" in header
@@ -120,11 +121,11 @@ def test_recipe_composes_to_the_original_settings(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_staged_commands_of_a_recipe_compose(name, tmp_path):
-    fps = RECIPES[name][3]
     cfg = compose_cfg([f"experiment={name}", "task.text_embed_folder=E", "task.save_latents=true"], tmp_path)
     assert cfg.task._target_ == "opensora.tasks.sample.run" and cfg.task.save_latents
     cfg = compose_cfg([f"experiment={name}", "task=decode", "task.latents_dir=L"], tmp_path)
-    assert cfg.task._target_ == "opensora.tasks.decode.run" and cfg.task.fps == fps
+    # the frame rate the sample stage recorded with its latents (task.fps=N would override it)
+    assert cfg.task._target_ == "opensora.tasks.decode.run" and cfg.task.fps is None
     assert cfg.vae._target_ == "opensora.vae.VideoAutoencoderKL"
     cfg = compose_cfg([f"experiment={name}", "task=embed_text", "task.output_dir=E"], tmp_path)
     assert cfg.task._target_ == "opensora.tasks.embed_text.run" and cfg.task.prompt_file.endswith("t2v_samples.txt")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from opensora.model import STDiT, count_parameters, stdit_xl2
 from opensora.model import layers as L

@@ -145,17 +145,17 @@ def test_dataset_items_deterministic_in_range():
     assert a.captions == [caption(*t) for t in a.triples] and len(set(a.captions)) == 24
     assert not set(a.heldout_prompts()) & set(a.captions)
     for i in (0, 5, 63, -1):
-        (va, ca), (vb, cb) = a[i], b[i]
+        (va, ca), (vb, cb) = (a[i]["video"], a[i]["caption"]), (b[i]["video"], b[i]["caption"])
         assert va.shape == (3, 8, 16, 16) and va.dtype == np.float32
         assert va.min() >= -1 and va.max() <= 1 and va.min() == -1 and va.max() == 1
         np.testing.assert_array_equal(va, vb)
         assert ca == cb and ca in a.captions
         # the caption describes the pixels
         assert evaluate_samples([to_uint8_frames(va)], [ca])["per_sample"][0]["color_ok"]
-    assert not np.array_equal(a[0][0], a[24][0])  # same combination, different random placement
-    assert a[0][1] == a[24][1]
+    assert not np.array_equal(a[0]["video"], a[24]["video"])  # same combination, different random placement
+    assert a[0]["caption"] == a[24]["caption"]
     c = SyntheticVideoDataset(num_samples=64, seed=4)
-    assert not all(np.array_equal(a[i][0], c[i][0]) for i in range(4))
+    assert not all(np.array_equal(a[i]["video"], c[i]["video"]) for i in range(4))
     with pytest.raises(IndexError):
         a[64]
 

@@ -369,20 +369,6 @@ CLEAN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fallback", [False, True])
-def test_clean_caption(monkeypatch, fallback):
-    if fallback:  # the stdlib path used when bs4 / ftfy are not installed
-        monkeypatch.setattr(clean_mod, "html_text", clean_mod.html_text_stdlib)
-        monkeypatch.setattr(clean_mod, "fix_text", clean_mod.fix_text_subset)
+def test_clean_caption():
     for raw, expected in CLEAN_CASES:
         assert clean_mod.text_preprocessing(raw) == expected, raw
-
-
-def test_clean_fallbacks_agree_with_libraries():
-    pytest.importorskip("bs4")
-    pytest.importorskip("ftfy")
-    texts = ["<script>var x=1</script>visible <!-- c --> text &amp; more", "a < b > c", "ＬＯＵＤ ﬁ “q” ‘s’",
-             "x\x1b[36mblue\x1b[0m\u200b", "line\r\nbreak\u2028x", "caf\u0065\u0301", "&lt;b&gt;"]
-    for t in texts:
-        assert clean_mod.html_text_stdlib(t) == clean_mod.html_text(t), t
-        assert clean_mod.fix_text_subset(t) == clean_mod.fix_text(t), t

@@ -8,34 +8,32 @@ import numpy as np
 import pytest
 
 from opensora.data.loader import BatchLoader
-from opensora.optim import lr_schedule
-from opensora.tasks.train import sample_timesteps
+from opensora.optim import ConstantLR, CosineLR
+from opensora.scheduler.timestep_sampler import PowerTimesteps, UniformTimesteps
 from opensora.utils.checkpoint import CheckpointManager, load_params_into, load_state, resolve_checkpoint_dir
 
 
 def test_timestep_sampling():
     rng = np.random.default_rng(0)
-    t = sample_timesteps(rng, 200_000, 1000)
+    t = UniformTimesteps()(rng, 200_000, 1000)
     assert t.dtype == np.int32 and t.min() == 0 and t.max() == 999
     assert abs(t.mean() - 499.5) < 3
-    t = sample_timesteps(np.random.default_rng(0), 200_000, 1000, "power", 2.0)
+    t = PowerTimesteps(2.0)(np.random.default_rng(0), 200_000, 1000)
     # u^(1/2) has mean 2/3 -> E[t] ~ 1000*2/3 - 0.5
     assert abs(t.mean() - (1000 * 2 / 3 - 0.5)) < 3 and t.max() == 999
-    with pytest.raises(ValueError, match="timestep_sampling.kind"):
-        sample_timesteps(rng, 4, 1000, "beta")
+    with pytest.raises(ValueError, match="timestep_sampling.power"):
+        PowerTimesteps(0.0)
 
 
 def test_lr_schedule_values():
     f = dict(base_lr=1e-3, max_steps=100)
-    assert lr_schedule(0, **f, warmup_steps=10) == pytest.approx(1e-4)
-    assert lr_schedule(9, **f, warmup_steps=10) == pytest.approx(1e-3)
-    assert lr_schedule(50, **f) == 1e-3
-    assert lr_schedule(10, **f, kind="cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(1e-3)
+    assert ConstantLR(**f, warmup_steps=10)(0) == pytest.approx(1e-4)
+    assert ConstantLR(**f, warmup_steps=10)(9) == pytest.approx(1e-3)
+    assert ConstantLR(**f)(50) == 1e-3
+    assert CosineLR(**f, warmup_steps=10, min_lr=1e-4)(10) == pytest.approx(1e-3)
     mid = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 0.5))
-    assert lr_schedule(55, **f, kind="cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(mid)
-    assert lr_schedule(100, **f, kind="cosine", min_lr=1e-4) == pytest.approx(1e-4)
-    with pytest.raises(ValueError, match="lr_schedule.kind"):
-        lr_schedule(0, **f, kind="step")
+    assert CosineLR(**f, warmup_steps=10, min_lr=1e-4)(55) == pytest.approx(mid)
+    assert CosineLR(**f, min_lr=1e-4)(100) == pytest.approx(1e-4)
 
 
 class Items:
@@ -43,20 +41,20 @@ class Items:
         return 10
 
     def __getitem__(self, i):
-        return np.full((1,), i, np.float32), f"c{i}"
+        return {"video": np.full((1,), i, np.float32), "caption": f"c{i}"}
 
 
 def test_loader_resumes_exactly_mid_epoch():
     full = BatchLoader(Items(), 3, seed=5)
     it = iter(full)
-    ref = [next(it)[1] for _ in range(7)]  # crosses the epoch boundary (3 batches of 3 per epoch)
+    ref = [next(it)["caption"] for _ in range(7)]  # crosses the epoch boundary (3 batches of 3 per epoch)
     part = BatchLoader(Items(), 3, seed=5)
     it = iter(part)
-    first = [next(it)[1] for _ in range(4)]
+    first = [next(it)["caption"] for _ in range(4)]
     resumed = BatchLoader(Items(), 3, seed=5)
     resumed.load_state(part.state())
     it = iter(resumed)
-    assert first + [next(it)[1] for _ in range(3)] == ref
+    assert first + [next(it)["caption"] for _ in range(3)] == ref
     # every epoch visits distinct samples; epochs are shuffled differently
     assert len(set(sum(ref[:3], []))) == 9 and ref[:3] != ref[3:6]
     with pytest.raises(ValueError, match="batch_size"):

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
+from helpers import CONF, compose_cfg, load_ckpt, run_cli, write_mp4
 
 # SPEC section 4, per recipe: (frames, interval, image size, space_scale, time_scale, flash attention,
 # lr, schedule (kind, warmup, min_lr), batch per device, grad clip, init: "pixart" or the stage it continues).
@@ -65,7 +65,8 @@ def test_recipe_matches_spec(name, tmp_path):
     assert o.optimizer._target_ == "mindspore.experimental.optim.AdamW"
     assert (o.optimizer.eps, o.optimizer.weight_decay, list(o.optimizer.betas)) == (1e-8, 0.0, [0.9, 0.999])
     assert o.lr == lr and o.grad_clip == clip and o.ema_decay == 0.9999
-    assert (o.lr_schedule.kind, o.lr_schedule.warmup_steps) == (kind, warmup)
+    schedules = {"opensora.optim.ConstantLR": "constant", "opensora.optim.CosineLR": "cosine"}
+    assert (schedules[o.lr_schedule._target_], o.lr_schedule.warmup_steps) == (kind, warmup)
     if min_lr is not None:
         assert o.lr_schedule.min_lr == min_lr
     # fp16 with a dynamic loss scale: 65536, x2 after 2000 finite steps
@@ -140,7 +141,8 @@ def test_debug_fast_shrinks_a_recipe_and_keeps_its_settings(name, tmp_path):
     assert cfg.data.frame_interval == interval and cfg.model.space_scale == space
     assert cfg.model.time_scale == pytest.approx(time) and cfg.model.enable_flashattn is flash
     assert cfg.model.recompute_blocks == "all" and cfg.precision.dtype == "fp16"
-    assert (cfg.optim.lr, cfg.optim.lr_schedule.kind, cfg.optim.grad_clip, cfg.optim.ema_decay) == (lr, kind, clip, 0.9999)
+    schedule = {"opensora.optim.ConstantLR": "constant", "opensora.optim.CosineLR": "cosine"}[cfg.optim.lr_schedule._target_]
+    assert (cfg.optim.lr, schedule, cfg.optim.grad_clip, cfg.optim.ema_decay) == (lr, kind, clip, 0.9999)
     assert OmegaConf.is_missing(cfg.data, "csv_path")
     # stage chaining stays (in a folder of its own); the XL-sized PixArt download does not
     if init == "pixart":
@@ -187,6 +189,13 @@ def test_new_run_in_a_directory_with_checkpoints_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match=rf"{d} already holds checkpoints.*step_000200.*resume={d}"):
         train.run(cfg)
     assert not (stage_dir / "config_resolved.yaml").exists()
+    # through the CLI it is refused before anything is written into the directory
+    (tmp_path / "clips.csv").write_text("video,caption\na.mp4,a clip\n")
+    before = sorted(p.relative_to(stage_dir) for p in stage_dir.rglob("*"))
+    proc = run_cli(["experiment=train_16x256x256", "debug=fast", "logger=none", f"hydra.run.dir={stage_dir}",
+                    f"data.csv_path={tmp_path / 'clips.csv'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert sorted(p.relative_to(stage_dir) for p in stage_dir.rglob("*")) == before
 
 
 # ================================================================
@@ -227,8 +236,6 @@ def test_every_recipe_runs_end_to_end_under_debug_fast(tmp_path):
     (from the 16x512x512 stage). Each run's log names the file it loaded, and its EMA weights after 4 steps
     equal those it started from to within 1e-6 (EMA 0.9999: at most 1e-4 * 10 * lr away), which are the
     PixArt file's for every spatial weight."""
-    from test_cli import load_ckpt, run_cli
-    from test_data import write_mp4
     import pandas as pd
 
     rng = np.random.default_rng(0)

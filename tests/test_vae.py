@@ -13,7 +13,7 @@ import pytest
 
 import mindspore as ms
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from opensora.vae import VideoAutoencoderKL
 from opensora.vae.autoencoder_kl import AutoencoderKLConfig, read_weights
 

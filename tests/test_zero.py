@@ -3,22 +3,21 @@ and (slow) real 2-rank msrun jobs on CPU: zero equals one process on the global 
 across rank counts, each rank holds about half the optimizer state, and a failing rank stops the job."""
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from helpers import ROOT, assert_same_training_state, msrun_output, run_cli, run_msrun
 import opensora.parallel as parallel
 from opensora.parallel import ParallelContext, init_parallel, sync_ranks
 from opensora.parallel.zero import ZeroState, plan_shards
-from test_parallel import SMALL, _ckpt, _free_port
+
+SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2",
+         "data.num_frames=4", "data.image_size=8", "data.dataset.speed=1", "data.dataset.num_samples=64",
+         "task.log_every=1", "task.eval=null", "logger=none"]
 
 
 # ---------------------------------------------------------------- the plan (fast)
@@ -79,10 +78,10 @@ def test_sharded_state_layout_is_the_unsharded_optimizers():
     partition them, and each holds about half of the bytes."""
     from mindspore.experimental.optim import AdamW
 
-    from opensora.tasks.train import named_params, optimizer_state
+    from opensora.train.state import optimizer_state
 
     model = _tiny_model()
-    params = named_params(model)
+    params = dict(model.parameters_and_names())
     names = [n for n, p in params.items() if p.requires_grad]
     weights = [params[n] for n in names]
     full = optimizer_state(AdamW(weights, lr=1e-3), weights)
@@ -151,43 +150,10 @@ def test_sync_ranks_waits_past_the_collectives_limit_and_times_out_naming_the_se
 
 # ---------------------------------------------------------------- real 2-rank jobs (slow)
 
-# SMALL with caption dropout on (drawn on the host for the global batch), a constant LR (the demo's
-# cosine depends on task.max_steps, which the resumed runs change) and clipping that is active.
-ZERO_ARGS = [a for a in SMALL if not a.startswith(("task.max_steps", "task.ckpt_every", "model.class_dropout_prob"))] + [
-    "model.class_dropout_prob=0.5", "optim.lr_schedule.kind=constant", "optim.grad_clip=0.05",
-    "task.ckpt_every=1", "task.keep_last=10"]
-
-
-def _env(tmp_path):
-    return {**os.environ, "PROJECT_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "offline"}
-
-
-def _msrun(tmp_path, script, args, log_dir, timeout=900):
-    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
-    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", f"--log_dir={log_dir}",
-           "--join=True", str(script), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-    logs = {p.name: p.read_text() for p in log_dir.glob("*.log")}
-    return proc, logs
-
-
-def _single(tmp_path, args):
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
-def _assert_same_checkpoint(a, b):
-    for name in ("model.ckpt", "ema.ckpt", "optimizer.ckpt"):
-        x, y = _ckpt(a / name), _ckpt(b / name)
-        assert x.keys() == y.keys(), name
-        for k in x:
-            # the same maths, the batch mean summed in another order (2 rank means vs one mean): fp32 rounding
-            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{k}")
-    sa, sb = (json.loads((d / "state.json").read_text()) for d in (a, b))
-    assert sa["data"] == sb["data"] and sa["rng"] == sb["rng"]
-    assert abs(sa["loss_avg"] - sb["loss_avg"]) < 1e-5 * abs(sb["loss_avg"])
+# caption dropout on (drawn on the host for the global batch), a constant LR (the demo's cosine depends on
+# task.max_steps, which the resumed runs change) and clipping that is active.
+ZERO_ARGS = [*SMALL, "model.class_dropout_prob=0.5", "optim/lr_schedule=constant", "optim.grad_clip=0.05",
+             "task.ckpt_every=1", "task.keep_last=10"]
 
 
 @pytest.mark.slow
@@ -198,13 +164,14 @@ def test_zero_resumes_across_rank_counts_and_equals_one_process(tmp_path):
     unsharded one; an unsharded checkpoint resumes under zero and a zero checkpoint in one process;
     each rank holds about half of the optimizer state and EMA."""
     ref = tmp_path / "reference"
-    _single(tmp_path, [*ZERO_ARGS, "data.batch_size=4", "task.max_steps=7", f"hydra.run.dir={ref}"])
+    run_cli([*ZERO_ARGS, "data.batch_size=4", "task.max_steps=7", f"hydra.run.dir={ref}"], tmp_path)
     run = tmp_path / "run"
-    _single(tmp_path, [*ZERO_ARGS, "data.batch_size=4", "task.max_steps=3", f"hydra.run.dir={run}"])
+    run_cli([*ZERO_ARGS, "data.batch_size=4", "task.max_steps=3", f"hydra.run.dir={run}"], tmp_path)
 
-    proc, logs = _msrun(tmp_path, ROOT / "run.py", ["parallel=zero", f"resume={run}", *ZERO_ARGS, "data.batch_size=2",
-                                                    "task.max_steps=5"], tmp_path / "msrun")
-    assert proc.returncode == 0, proc.stdout[-2000:] + "\n".join(v[-3000:] for v in logs.values())
+    # resumed from the run's directory: only what changes is given (the mode, the per-rank batch, the length)
+    proc, logs = run_msrun([str(ROOT / "run.py"), f"resume={run}", "parallel=zero", "data.batch_size=2",
+                            "task.max_steps=5"], tmp_path)
+    assert proc.returncode == 0, msrun_output(proc, logs)
     log0 = logs["worker_0.log"]
     assert "resumed from" in log0 and "step_000003 at step 3" in log0
     assert "step 5: weights identical on all 2 ranks" in (run / "run.log").read_text()
@@ -215,11 +182,13 @@ def test_zero_resumes_across_rank_counts_and_equals_one_process(tmp_path):
         for r, (mine, total) in sizes.items():
             assert 0.45 < mine / total < 0.55, (what, r, mine, total)
     for step in (4, 5):
-        _assert_same_checkpoint(run / "checkpoints" / f"step_{step:06d}", ref / "checkpoints" / f"step_{step:06d}")
+        assert_same_training_state(run / "checkpoints" / f"step_{step:06d}", ref / "checkpoints" / f"step_{step:06d}",
+                                   rng=True)
 
-    _single(tmp_path, [*ZERO_ARGS, "data.batch_size=4", "task.max_steps=7", f"resume={run}"])
+    run_cli([f"resume={run}", "parallel=single", "data.batch_size=4", "task.max_steps=7"], tmp_path)
     for step in (6, 7):
-        _assert_same_checkpoint(run / "checkpoints" / f"step_{step:06d}", ref / "checkpoints" / f"step_{step:06d}")
+        assert_same_training_state(run / "checkpoints" / f"step_{step:06d}", ref / "checkpoints" / f"step_{step:06d}",
+                                   rng=True)
 
 
 FAIL_ON_RANK_1 = '''"""Runs run.py with rank 1 raising at its 3rd train step (written by tests/test_zero.py)."""
@@ -231,7 +200,7 @@ sys.path.insert(0, {root!r})
 import opensora.tasks.train as train
 from opensora.parallel import get_parallel
 
-draw = train.sample_timesteps
+draw = train.draw_step
 calls = []
 
 
@@ -244,7 +213,7 @@ def failing(*args, **kwargs):
     return draw(*args, **kwargs)
 
 
-train.sample_timesteps = failing
+train.draw_step = failing
 sys.argv[0] = {run!r}
 runpy.run_path({run!r}, run_name="__main__")
 '''
@@ -258,10 +227,8 @@ def test_a_failing_rank_stops_the_job_with_its_error(tmp_path):
     stamp = tmp_path / "failed_at"
     script = tmp_path / "fail_rank1.py"
     script.write_text(FAIL_ON_RANK_1.format(root=str(ROOT), stamp=str(stamp), run=str(ROOT / "run.py")))
-    args = [a for a in SMALL if not a.startswith(("task.max_steps", "task.ckpt_every"))]
-    proc, logs = _msrun(tmp_path, script, ["parallel=zero", *args, "data.batch_size=2", "task.max_steps=20",
-                                           "task.ckpt_every=0", f"hydra.run.dir={tmp_path / 'run'}"],
-                        tmp_path / "msrun", timeout=600)
+    proc, logs = run_msrun([str(script), "parallel=zero", *SMALL, "data.batch_size=2", "task.max_steps=20",
+                            "task.ckpt_every=null", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=600)
     ended = time.time()
     assert proc.returncode != 0
     assert stamp.is_file(), "rank 1 never reached its 3rd step:\n" + "\n".join(v[-3000:] for v in logs.values())

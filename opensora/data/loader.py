@@ -1,8 +1,9 @@
 """A resumable, seeded batch loader over a map-style dataset, with worker processes and bad-sample handling.
 
-Items are (video, caption) tuples (the synthetic data) or dicts of arrays and strings (video CSVs,
-cached embeddings); batches are stacked the same way. `prepare_batch` turns a batch into the
-train step's inputs (x, {"y", "mask"}), encoding with the VAE / text encoder only what is not cached.
+Every dataset yields items as dicts: "video" [C, T, H, W] float32 pixels or "latent" (a cached VAE latent),
+and "caption" (str) or "text_emb" + "mask" (a cached text embedding), plus any extra arrays. Batches stack each
+key (strings as lists). How a batch becomes the train step's inputs is the train task's business
+(opensora/train/batch.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+# Distinct samples read before the share of bad ones is judged (or the whole dataset, if smaller).
+MIN_READS = 50
 
 
 class BadSampleError(Exception):
@@ -89,37 +94,13 @@ def _worker_slot(epoch: int, slot: int, index: int, seed: int, max_retries: int)
 # ================================================================
 
 
-def collate(items: list):
-    """(video, caption) tuples -> (videos [B, ...] float32, [captions]); dicts -> dict of stacked arrays
-    (strings as lists)."""
-    if isinstance(items[0], tuple):
-        return np.stack([v for v, _ in items]).astype(np.float32), [c for _, c in items]
+def collate(items: list) -> dict:
+    """Dict items -> one dict: arrays stacked along a new batch axis, strings as lists."""
     out = {}
     for key, value in items[0].items():
         values = [it[key] for it in items]
         out[key] = list(values) if isinstance(value, str) else np.stack(values)
     return out
-
-
-def prepare_batch(batch, vae, text_encoder) -> tuple[np.ndarray, dict]:
-    """The train step's (x [B, C, T, H, W] float32, {"y": [B, 1, L, D], "mask": [B, L] int32}) from a
-    batch: cached latents / text embeddings are used as they are, pixels / captions are encoded."""
-    if isinstance(batch, tuple):
-        videos, captions = batch
-        return np.asarray(vae.encode(videos), np.float32), text_encoder.encode(captions)
-    if "latent" in batch:
-        x = batch["latent"]
-    else:
-        if vae is None:
-            raise ValueError("the batch holds pixels but no VAE was built")
-        x = vae.encode(batch["video"])
-    if "text_emb" in batch:
-        emb = {"y": np.asarray(batch["text_emb"], np.float32)[:, None], "mask": np.asarray(batch["mask"], np.int32)}
-    else:
-        if text_encoder is None:
-            raise ValueError("the batch holds captions but no text encoder was built")
-        emb = text_encoder.encode(batch["caption"])
-    return np.asarray(x, np.float32), emb
 
 
 class BatchLoader:
@@ -140,9 +121,9 @@ class BatchLoader:
 
     Bad samples: a sample whose loading raises BadSampleError is logged once (with its path),
     counted, and replaced by another drawn from a seeded RNG of (epoch, slot), so resumed and
-    uninterrupted runs still see the same batches. When more than `max_bad_fraction` of the samples
-    read so far are bad (judged once min(100, len) distinct samples were read) or of the whole
-    dataset, TooManyBadSamples stops the run.
+    uninterrupted runs still see the same batches. When more than `max_bad_fraction` of the distinct
+    samples read so far are bad, TooManyBadSamples stops the run - judged only once `MIN_READS` distinct
+    samples (or the whole dataset, if smaller) were read, so one unlucky first batch stops nothing.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
@@ -231,13 +212,12 @@ class BatchLoader:
         bad, seen, n = int(self._bad.sum()), int(self._seen.sum()), len(self.dataset)
         if bad == 0:
             return
-        over_seen = seen >= min(100, n) and bad > self.max_bad_fraction * seen
-        if over_seen or bad > self.max_bad_fraction * n:
+        if seen >= min(MIN_READS, n) and bad > self.max_bad_fraction * seen:
             first = "; ".join(f"{p} ({r})" for p, r in list(self.bad_samples.items())[:3])
             raise TooManyBadSamples(
-                f"{bad} of {seen} samples read are bad ({bad / max(seen, 1):.0%}; the dataset has {n}), more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}. First: {first}. Fix or drop them "
-                "(task=scan_videos writes a CSV of the readable videos) or raise data.max_bad_fraction")
+                f"{bad} of the {seen} distinct samples read so far are bad ({bad / max(seen, 1):.0%}; the dataset "
+                f"has {n}), more than data.max_bad_fraction={self.max_bad_fraction}. First: {first}. Fix or drop "
+                "them (task=scan_videos writes a CSV of the readable videos) or raise data.max_bad_fraction")
 
     def _load_sync(self, tasks):
         items = []

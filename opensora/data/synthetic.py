@@ -213,7 +213,8 @@ class SyntheticVideoDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+    def __getitem__(self, i: int) -> dict:
+        """{"video": [3, T, H, W] float32 in [-1, 1], "caption": str} (the item format of every dataset)."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
         i %= self.num_samples
@@ -221,7 +222,7 @@ class SyntheticVideoDataset:
         clip = render_clip(*t, self.num_frames, self.image_size, np.random.default_rng([self.seed, i]),
                            **self.render_kwargs)
         video = np.ascontiguousarray(clip.transpose(3, 0, 1, 2)) * 2.0 - 1.0  # [T, H, W, 3] -> [3, T, H, W]
-        return video.astype(np.float32), caption(*t)
+        return {"video": video.astype(np.float32), "caption": caption(*t)}
 
     def heldout_prompts(self) -> list[str]:
         return [caption(*t) for t in self.heldout]

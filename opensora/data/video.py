@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from opensora.data.aspect import as_size
 from opensora.data.cache import check_meta, load_text_embedding, read_index
 from opensora.data.loader import BadSampleError
 
@@ -112,14 +113,6 @@ def sample_frame_indices(total_frames: int, num_frames: int, frame_interval: int
     if end - start < num_frames:
         raise ValueError(f"{total_frames} frames, fewer than num_frames={num_frames}")
     return np.linspace(start, end - 1, num_frames, dtype=int)
-
-
-def as_size(image_size) -> tuple[int, int]:
-    """image_size (an int or [H, W]) -> (H, W)."""
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    h, w = (int(v) for v in image_size)
-    return h, w
 
 
 def _linear_taps(in_size: int, scale: float, start: int, count: int):

@@ -1,5 +1,5 @@
 """Shared building blocks of the DiT family (DiT / PixArt / Open-Sora): MLP, LayerNorm without
-affine, adaLN modulation, scaled dot-product attention and sin-cos position embeddings."""
+affine, RMSNorm, adaLN modulation, scaled dot-product attention and sin-cos position embeddings."""
 
 import logging
 import math
@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,22 @@ class LayerNorm(nn.Cell):
         var = ops.square(x - mean).mean(axis=-1, keep_dims=True)
         x = (x - mean) * ops.rsqrt(var + self.eps)
         return ops.cast(x, dtype)
+
+
+class RMSNorm(nn.Cell):
+    """RMS norm over the last axis (the original's LlamaRMSNorm, used as qk-norm): normalised in float32,
+    cast back to the input dtype, times `weight` [dim] (ones at init)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(Tensor(np.ones((dim,), np.float32)), name="weight")
+
+    def construct(self, x):
+        dtype = x.dtype
+        x = ops.cast(x, ms.float32)
+        x = x * ops.rsqrt(ops.square(x).mean(axis=-1, keep_dims=True) + self.eps)
+        return ops.cast(self.weight, dtype) * ops.cast(x, dtype)
 
 
 class Linear(nn.Dense):

@@ -7,24 +7,15 @@ scores/softmax, timestep and position embeddings and the diffusion loss in fp32.
 from __future__ import annotations
 
 import logging
-from typing import Union
 
 import mindspore as ms
 import numpy as np
 
+from opensora.utils.tensor_files import DTYPES, resolve_dtype  # noqa: F401 - the dtype table, re-exported
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 _CHECKED: dict = {}
-
-
-def resolve_dtype(dtype: Union[str, "ms.dtype"]) -> "ms.dtype":
-    """"fp32" / "fp16" / "bf16" (or a MindSpore dtype) -> MindSpore dtype."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 def _probe(dtype) -> None:

@@ -133,6 +133,17 @@ class CaptionEmbedder(nn.Cell):
             caption = self.token_drop(caption, force_drop_ids)
         return self.y_proj(caption)  # [B, 1, L, hidden]
 
+    def tokens(self, caption, mask, train, force_drop_ids=None):
+        """The embedded caption as [B, L, hidden] tokens and its mask as [B, L] (rows repeated to the
+        batch, e.g. one mask for both halves of a guidance batch), or None."""
+        y = self.construct(caption, train, force_drop_ids)
+        y = y.reshape(y.shape[0], -1, y.shape[-1])  # [B, 1, L, hidden] -> [B, L, hidden]
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], -1)  # [B, L]
+            if mask.shape[0] != y.shape[0]:
+                mask = ops.tile(mask, (y.shape[0] // mask.shape[0], 1))
+        return y, mask
+
 
 # ================================================================
 # Attention
@@ -386,12 +397,7 @@ class STDiT(nn.Cell):
         t = self.t_embedder(timestep)  # [B, C], fp32
         t0 = ops.cast(self.t_block(t), self.dtype)  # [B, 6*C]
         t = ops.cast(t, self.dtype)
-        y = self.y_embedder(y, self.training, force_drop_ids)  # [B, 1, L, C]
-        y = y.reshape(y.shape[0], -1, self.hidden_size)  # [B, L, C]
-        if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1)  # [B, L]
-            if mask.shape[0] != y.shape[0]:
-                mask = ops.tile(mask, (y.shape[0] // mask.shape[0], 1))
+        y, mask = self.y_embedder.tokens(y, mask, self.training, force_drop_ids)  # [B, L, C], [B, L] or None
 
         # blocks
         for i, block in enumerate(self.blocks):
@@ -489,6 +495,11 @@ def stdit_xl2(**kwargs) -> STDiT:
     return STDiT(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16, **kwargs)
 
 
+# Frozen parameters that are parameters in the original too, so counted (STDiT2's fixed RoPE frequencies).
+COUNTED_FROZEN = ("rope.freqs",)
+
+
 def count_parameters(cell) -> int:
-    """Number of trainable parameters (the frozen y_embedding is not counted)."""
-    return int(sum(p.size for p in cell.trainable_params()))
+    """Number of parameters as the original counts them (torch `model.parameters()`): the trainable ones
+    and the frozen COUNTED_FROZEN; the frozen null caption y_embedding, a buffer there, is not counted."""
+    return int(sum(p.size for p in cell.get_parameters() if p.requires_grad or p.name.endswith(COUNTED_FROZEN)))

@@ -1,19 +1,38 @@
-"""Learning-rate schedules (the optimiser itself is MindSpore's AdamW, built from config)."""
+"""Learning-rate schedules (optim/lr_schedule/*.yaml); the optimiser itself is MindSpore's AdamW, built from
+config. A schedule is built with the run's base rate and length and called with the 0-based step."""
 from __future__ import annotations
 
 import math
 
 
-def lr_schedule(step: int, *, base_lr: float, max_steps: int, kind: str = "constant",
-                warmup_steps: int = 0, min_lr: float = 0.0) -> float:
-    """Learning rate at `step` (0-based): linear warmup over `warmup_steps`, then
-    `constant` or `cosine` decay from base_lr to min_lr at max_steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if kind == "constant":
-        return base_lr
-    if kind == "cosine":
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"optim.lr_schedule.kind={kind!r} is not one of: constant, cosine")
+class ConstantLR:
+    """Linear warmup over `warmup_steps` (from base_lr / warmup_steps), then base_lr."""
+
+    def __init__(self, base_lr: float, max_steps: int, warmup_steps: int = 0):
+        self.base_lr, self.max_steps, self.warmup_steps = float(base_lr), int(max_steps), int(warmup_steps)
+
+    def warmup(self, step: int):
+        return self.base_lr * (step + 1) / self.warmup_steps if step < self.warmup_steps else None
+
+    def __call__(self, step: int) -> float:
+        w = self.warmup(step)
+        return self.base_lr if w is None else w
+
+
+class CosineLR(ConstantLR):
+    """Linear warmup, then cosine decay from base_lr to min_lr at max_steps."""
+
+    def __init__(self, base_lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+        super().__init__(base_lr, max_steps, warmup_steps)
+        self.min_lr = float(min_lr)
+
+    def __call__(self, step: int) -> float:
+        w = self.warmup(step)
+        if w is not None:
+            return w
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+__all__ = ["ConstantLR", "CosineLR"]

@@ -1,7 +1,9 @@
-"""Processes and devices: which rank this process is, collective set-up under msrun, and the helpers
-data parallelism needs (rank 0's weights on every rank, a gradient reducer, rank-0-only output).
-Optimizer-state sharding (`parallel=zero`) is in `opensora.parallel.zero`, sequence parallelism
-(frames split over ranks) in `opensora.parallel.sequence`.
+"""Processes: which rank this process is, collective set-up under msrun, and the helpers every parallel
+mode shares (rank 0's weights on every rank, a gradient reducer, barriers that outlast CPU collectives).
+
+One strategy object per mode (`conf/parallel/*.yaml` -> `_target_`), which is all the train loop talks to:
+`single.SingleProcess`, `data.DataParallel`, `zero.ZeroParallel` (optimizer-state sharding) and
+`sequence.SequenceParallel` (frames split over ranks); their common interface is `strategy.ParallelStrategy`.
 
 Ranks are started by MindSpore's launcher, never by this project:
 
@@ -82,7 +84,9 @@ def msrun_world_size() -> int:
 
 
 def init_parallel(parallel) -> ParallelContext:
-    """Set up `parallel.mode` (after ms.set_context); returns and remembers the context.
+    """Set up `parallel.mode` (after ms.set_context; the device is MindSpore's device_target); returns and
+    remembers the context. `parallel`: anything with `mode` and optionally `sequence_size`,
+    `sequence_attention`, `sync_timeout_s` (a ParallelStrategy, or a config section).
 
     msrun's scheduler process runs this script too: it serves the cluster inside `init()` and exits
     when the job ends, never reaching the task.
@@ -116,7 +120,7 @@ def init_parallel(parallel) -> ParallelContext:
         if mode == "zero" and world < 2:
             raise RuntimeError(_zero_world_error(world))
         job = _job_number(rank)
-        native = mode == "zero" and parallel.device_target == "Ascend"
+        native = mode == "zero" and ms.get_context("device_target") == "Ascend"
         # Gradients are averaged over all ranks in every mode (see opensora/parallel/sequence.py for why
         # that is also the right scale when ranks hold parts of the same videos).
         ms.reset_auto_parallel_context()
@@ -133,7 +137,7 @@ def init_parallel(parallel) -> ParallelContext:
             ctx = init_sequence_groups(parallel, rank, world)
         else:
             ctx = ParallelContext(mode, rank, world, native_zero=native)
-        _CONTEXT = replace(ctx, job=job, sync_timeout_s=float(parallel.get("sync_timeout_s", 1800.0)))
+        _CONTEXT = replace(ctx, job=job, sync_timeout_s=float(getattr(parallel, "sync_timeout_s", None) or 1800.0))
         if rank != 0:  # rank 0 alone reports; the others only warn
             logging.getLogger().setLevel(logging.WARNING)
         if mode == "zero":
@@ -250,14 +254,3 @@ def sync_ranks(folder, tag: str) -> None:
         for f in _SYNCED:
             f.unlink(missing_ok=True)
         _SYNCED[:] = files
-
-
-def grad_reducer(weights) -> Optional["object"]:
-    """A cell averaging gradients over the ranks (None on one process, and under MindSpore's own parallel
-    optimizer, where the framework inserts the gradient communication)."""
-    ctx = get_parallel()
-    if not ctx.distributed or ctx.native_zero:
-        return None
-    from mindspore import nn
-
-    return nn.DistributedGradReducer(weights, mean=True, degree=ctx.world_size)

@@ -47,6 +47,7 @@ from mindspore import nn, ops
 from mindspore.communication import GlobalComm
 
 from opensora.model.layers import attention
+from opensora.parallel.strategy import ReplicatedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def check_sequence_parallel(cfg: Any, world_size: Optional[int]) -> int:
         raise ValueError(f"parallel.sequence_size={par.get('sequence_size')} must divide the number of ranks msrun "
                          f"started (--worker_num={world_size}); the ranks form groups of sequence_size ranks, one "
                          "video split over each group")
-    kind = resolve_attention(par.get("sequence_attention", "auto"), par.device_target)
+    device = cfg.device.target
+    kind = resolve_attention(par.get("sequence_attention", "auto"), device)
     frames, pt = int(cfg.model.input_size[0]), int(cfg.model.patch_size[0])
     if frames % pt == 0 and (frames // pt) % size:
         raise ValueError(f"parallel.sequence_size={size} does not divide the {frames // pt} frames after patching "
@@ -101,7 +103,7 @@ def check_sequence_parallel(cfg: Any, world_size: Optional[int]) -> int:
     if kind == "ulysses" and heads % size:
         raise ValueError(f"model.num_heads={heads} is not divisible by parallel.sequence_size={size}: Ulysses "
                          "attention (parallel.sequence_attention="
-                         f"{par.get('sequence_attention', 'auto')} on {par.device_target}) gives each rank "
+                         f"{par.get('sequence_attention', 'auto')} on {device}) gives each rank "
                          "num_heads / sequence_size heads; use parallel.sequence_attention=allgather or change one of them")
     return size
 
@@ -111,7 +113,7 @@ def init_sequence_groups(parallel: Any, rank: int, world: int):
     communicator where groups other than the world exist (not CPU)."""
     from opensora.parallel import ParallelContext
 
-    size = parallel.get("sequence_size")
+    size = getattr(parallel, "sequence_size", None)
     size = world if size is None else int(size)
     if size < 1 or world % size:
         raise ValueError(f"parallel.sequence_size={size} must divide the {world} ranks")
@@ -121,7 +123,7 @@ def init_sequence_groups(parallel: Any, rank: int, world: int):
         from mindspore.communication import create_group
 
         create_group(group_name(ctx), list(range(ctx.data_rank * size, (ctx.data_rank + 1) * size)))
-    kind = resolve_attention(parallel.get("sequence_attention", "auto"), device)
+    kind = resolve_attention(getattr(parallel, "sequence_attention", None) or "auto", device)
     log.info("sequence parallel: rank %d of %d, position %d in sequence group %d of %d (%d ranks share each "
              "video's frames), %s temporal attention", rank, world, ctx.sequence_rank, ctx.data_rank,
              ctx.data_size, size, kind)
@@ -362,3 +364,20 @@ def apply_sequence_parallel(model, ctx, attention_kind: str = "auto") -> str:
     log.info("sequence parallel: this rank holds frames [%d, %d) of %d (after patching), %s temporal attention",
              start, stop, model.num_temporal, kind)
     return kind
+
+
+# ================================================================
+# The strategy
+# ================================================================
+
+
+class SequenceParallel(ReplicatedStrategy):
+    """parallel=sequence: each video's frames split over groups of `sequence_size` ranks (see the module
+    docstring); gradients averaged over all ranks like data parallelism."""
+
+    def prepare_model(self, model) -> None:
+        apply_sequence_parallel(model, self.ctx, self.sequence_attention)
+        super().prepare_model(model)
+
+    def frames(self, video):
+        return frame_shard(video, self.ctx)

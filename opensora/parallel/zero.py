@@ -35,6 +35,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from opensora.parallel.strategy import ReplicatedStrategy, Update, make_ema
+from opensora.utils.tensor_files import to_numpy
+
 log = logging.getLogger(__name__)
 
 # Elements all-gathered per collective when a checkpoint is assembled (256 MB of float32 per rank).
@@ -263,7 +266,7 @@ def gather_owned(local: Mapping, entries: Sequence[Entry], rank: int, world_size
         buf = np.zeros(width, np.float32)
         offset = 0
         for e in shares[rank]:
-            value = _to_numpy(local[e.key]).astype(np.float32).reshape(-1)
+            value = to_numpy(local[e.key]).astype(np.float32).reshape(-1)
             buf[offset:offset + value.size] = value
             offset += value.size
         gathered = allgather(ms.Tensor(buf)).asnumpy().reshape(world_size, width)
@@ -290,12 +293,6 @@ def _buckets(entries: Sequence[Entry], size: int):
         n += k
     if group:
         yield group
-
-
-def _to_numpy(value) -> np.ndarray:
-    if value.dtype == ms.bfloat16:  # numpy has no bfloat16: go through float32
-        value = value.astype(ms.float32)
-    return value.asnumpy()
 
 
 def _np_dtype(value) -> np.dtype:
@@ -351,3 +348,53 @@ def native_full_values(step_cell, groups: Sequence[Mapping], scratch: str) -> li
     os.remove(scratch)
     return [{k: saved[p.name] for k, p in group.items()} for group in groups]
 
+
+
+# ---------------------------------------------------------------------- the strategy
+
+
+class ZeroParallel(ReplicatedStrategy):
+    """parallel=zero: data parallel with the optimizer state and EMA sharded (see the module docstring)."""
+
+    @property
+    def native(self) -> bool:
+        return self.ctx.native_zero
+
+    def build_update(self, names, weights, make_optimizer, ema_decay, params) -> Update:
+        if self.native:  # Ascend: MindSpore slices the state itself and inserts the gradient communication
+            optimizer = make_optimizer(list(weights))
+            from opensora.parallel.strategy import IdentitySync
+
+            return Update(list(weights), optimizer, make_ema(params) if ema_decay else None, IdentitySync())
+        ctx = self.ctx
+        plan = plan_shards([p.size for p in weights], ctx.world_size)
+        zero = ZeroState(plan, ctx.rank, names, weights)  # with the optimiser: records Parameter names
+        optimizer = make_optimizer([weights[i] for i in zero.own])
+        ema = make_ema(params, zero.own_names) if ema_decay else None
+        return Update(list(weights), optimizer, ema, MeanOverRanks(weights, ctx.world_size), own=zero.own,
+                      share=ShareWeights(weights, plan, ctx.rank), zero_state=zero, sharded=True)
+
+    def report_state(self, update, opt_state) -> None:
+        if update.zero_state is None:
+            return
+        ctx = self.ctx
+        log_state_sizes(*update.zero_state.state_bytes(opt_state), "optimizer state", ctx.rank, ctx.world_size)
+        if update.ema is not None:
+            log_state_sizes(*update.zero_state.ema_bytes(update.ema), "EMA", ctx.rank, ctx.world_size)
+
+    def full_state(self, update, step_fn, model_params, opt_state, scratch, keep=True):
+        if self.native:  # MindSpore's slices, merged by its integrated save
+            groups = native_full_values(step_fn, [model_params, update.ema or {}, opt_state or {}],
+                                        str(scratch / f".tmp-gather-rank{self.ctx.rank}.ckpt"))
+            return (groups[0], groups[1] if update.ema is not None else None,
+                    groups[2] if opt_state is not None else None)
+        zero = update.zero_state
+        ema = zero.full_ema(update.ema, keep=keep) if update.ema is not None else None
+        opt = zero.full_optimizer_state(opt_state, keep=keep) if opt_state is not None else None
+        if not keep:  # took part in the collectives; keeps its own values
+            return model_params, update.ema, opt_state
+        return model_params, ema, opt
+
+    def check_in_sync(self, params, step) -> None:
+        if not self.native:
+            super().check_in_sync(params, step)

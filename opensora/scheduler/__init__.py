@@ -1,7 +1,6 @@
 """Diffusion schedulers: IDDPM (improved DDPM with learned sigma, respacing, CFG sampling)."""
 from .gaussian_diffusion import (
     GaussianDiffusion,
-    LossType,
     ModelMeanType,
     ModelVarType,
     get_named_beta_schedule,
@@ -13,7 +12,6 @@ from .respace import SpacedDiffusion, space_timesteps
 __all__ = [
     "GaussianDiffusion",
     "IDDPM",
-    "LossType",
     "ModelMeanType",
     "ModelVarType",
     "SpacedDiffusion",

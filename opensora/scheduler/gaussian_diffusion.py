@@ -66,35 +66,26 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int):
 class ModelMeanType(enum.Enum):
     """What the model's first C output channels predict."""
 
-    PREVIOUS_X = enum.auto()  # x_{t-1}
     START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # eps
+    EPSILON = enum.auto()  # eps (the original)
 
 
 class ModelVarType(enum.Enum):
-    """How the reverse-process variance is obtained. LEARNED_RANGE interpolates (in log space)
-    between the posterior variance beta_tilde (v=-1) and beta (v=+1)."""
+    """How the reverse-process variance is obtained. LEARNED_RANGE (the original) interpolates (in log space)
+    between the posterior variance beta_tilde (v=-1) and beta (v=+1); FIXED_LARGE is beta (beta_tilde at t=0),
+    FIXED_SMALL beta_tilde."""
 
-    LEARNED = enum.auto()
     FIXED_SMALL = enum.auto()
     FIXED_LARGE = enum.auto()
     LEARNED_RANGE = enum.auto()
 
 
-class LossType(enum.Enum):
-    MSE = enum.auto()  # MSE on the mean (+ VLB term when the variance is learned)
-    RESCALED_MSE = enum.auto()  # as MSE, VLB term scaled by num_timesteps / 1000
-    KL = enum.auto()  # the variational lower bound only
-    RESCALED_KL = enum.auto()  # as KL, scaled by num_timesteps to estimate the full VLB
-
-    def is_vb(self):
-        return self in (LossType.KL, LossType.RESCALED_KL)
-
-
 # ----------------------------------------------------------------------------- helpers
 def mean_flat(tensor, mask=None):
     """Mean over all non-batch dims -> [B]. With `mask` [B, T] (tensor [B, C, T, H, W]): mean over the
-    frames where mask is True only."""
+    frames where mask is True only (sum over those frames / (their count * C*H*W)). A sample without any
+    True frame has nothing to average and gets 0, where the original divides 0 by 0 (NaN, which then
+    poisons the whole batch's gradient)."""
     b = tensor.shape[0]
     if mask is None:
         return tensor.reshape(b, -1).mean(axis=1)
@@ -104,7 +95,8 @@ def mean_flat(tensor, mask=None):
     for d in tensor.shape[1:]:
         per_frame *= d
     per_frame = per_frame // t  # C*H*W
-    return (tensor * m).reshape(b, -1).sum(axis=1) / (m.reshape(b, t).sum(axis=1) * per_frame)
+    count = ops.clamp(m.reshape(b, t).sum(axis=1), min=1.0)  # 0 frames: 0 / 1 instead of 0 / 0
+    return (tensor * m).reshape(b, -1).sum(axis=1) / (count * per_frame)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -170,18 +162,19 @@ class GaussianDiffusion:
     """Utilities for training and sampling diffusion models.
 
     :param betas: 1-D array of betas, one per diffusion step (step 0 first).
-    :param model_mean_type / model_var_type / loss_type: `ModelMeanType`, `ModelVarType`, `LossType`.
+    :param model_mean_type / model_var_type: `ModelMeanType`, `ModelVarType`.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type):
+    def __init__(self, *, betas, model_mean_type, model_var_type):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
-        self.loss_type = loss_type
         # plain-str / bool constants for branching inside graph-compiled code
         self._mean_kind = model_mean_type.name
         self._var_kind = model_var_type.name
-        self._loss_kind = loss_type.name
-        self._learn_sigma = model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        self._learn_sigma = model_var_type == ModelVarType.LEARNED_RANGE
+        # sampling with a frame mask: False = the original (a frame with mask 0 is released at the last
+        # step, t = 0, and denoised once); True = it is held and equals its reference exactly
+        self.exact_conditioning = False
 
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be 1-D in (0, 1]"
@@ -224,14 +217,6 @@ class GaussianDiffusion:
         return model(x, t, **model_kwargs)
 
     # ------------------------------------------------------------------ forward process
-    def q_mean_variance(self, x_start, t):
-        """Mean, variance, log-variance of q(x_t | x_0)."""
-        n = x_start.ndim
-        mean = self._extract(self._sqrt_alphas_cumprod, t, n) * x_start
-        variance = ops.broadcast_to(self._extract(self._one_minus_alphas_cumprod, t, n), x_start.shape)
-        log_variance = ops.broadcast_to(self._extract(self._log_one_minus_alphas_cumprod, t, n), x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start, t, noise=None):
         """Sample x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
         if noise is None:
@@ -267,12 +252,6 @@ class GaussianDiffusion:
             self._sqrt_recipm1_alphas_cumprod, t, n
         )
 
-    def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        n = x_t.ndim
-        return (
-            xprev - self._extract(self._posterior_mean_coef2, t, n) * x_t
-        ) / self._extract(self._posterior_mean_coef1, t, n)
-
     def p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
         """p(x_{t-1} | x_t) from a model output [B, C or 2C, ...] (see `p_mean_variance`)."""
         c = x.shape[1]
@@ -281,13 +260,10 @@ class GaussianDiffusion:
         if self._learn_sigma:
             model_var_values = model_output[:, c:]  # [B, 2C, ...] -> [B, C, ...]
             model_output = model_output[:, :c]
-            if self._var_kind == "LEARNED":
-                model_log_variance = model_var_values
-            else:
-                min_log = self._extract(self._posterior_log_variance_clipped, t, n)
-                max_log = self._extract(self._log_betas, t, n)
-                frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [beta_tilde, beta]
-                model_log_variance = frac * max_log + (1 - frac) * min_log
+            min_log = self._extract(self._posterior_log_variance_clipped, t, n)
+            max_log = self._extract(self._log_betas, t, n)
+            frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [beta_tilde, beta]
+            model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = ops.exp(model_log_variance)
         elif self._var_kind == "FIXED_LARGE":
             model_variance = ops.broadcast_to(self._extract(self._fixed_large_variance, t, n), x.shape)
@@ -296,17 +272,12 @@ class GaussianDiffusion:
             model_variance = ops.broadcast_to(self._extract(self._posterior_variance, t, n), x.shape)
             model_log_variance = ops.broadcast_to(self._extract(self._posterior_log_variance_clipped, t, n), x.shape)
 
-        if self._mean_kind == "PREVIOUS_X":
-            pred_xstart = self._predict_xstart_from_xprev(x, t, model_output)
-        elif self._mean_kind == "START_X":
+        if self._mean_kind == "START_X":
             pred_xstart = model_output
         else:
             pred_xstart = self._predict_xstart_from_eps(x, t, model_output)
         pred_xstart = self._process_xstart(pred_xstart, clip_denoised, denoised_fn)
-        if self._mean_kind == "PREVIOUS_X":
-            model_mean = model_output
-        else:
-            model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {
             "mean": model_mean,
             "variance": model_variance,
@@ -332,16 +303,69 @@ class GaussianDiffusion:
         model_output = self._call_model(model, x, t, model_kwargs)
         return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None):
+    # ------------------------------------------------------------------ conditioning frames (Open-Sora 1.1)
+    def frame_mask_steps(self, frame_mask, x_shape):
+        """The step at which each frame is released: int(mask * num_timesteps) -> np.int32 [B, T].
+
+        `frame_mask` [B, T] float in [0, 1] (1 = generate, 0 = keep the reference, r = edit: release
+        at step r * num_timesteps). The product is formed in float32 and truncated, as the original
+        (float32 0.29 * 100 = 29.0 -> 29, where float64 gives 28.999999999999996 -> 28). With
+        `exact_conditioning`, frames of mask 0 get -1: never released."""
+        m = frame_mask.asnumpy() if isinstance(frame_mask, ms.Tensor) else np.asarray(frame_mask)
+        m = m.astype(np.float32)
+        b = int(x_shape[0])
+        t = int(x_shape[2]) if len(x_shape) == 5 else -1
+        if m.shape != (b, t):
+            raise ValueError(f"frame mask of shape {m.shape} does not fit latents {tuple(x_shape)}: expected "
+                             f"[B, T] = [{b}, {t}] (one value per frame, latents [B, C, T, H, W])")
+        if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+            raise ValueError(f"frame mask values must lie in [0, 1], got min {m.min()} max {m.max()}")
+        steps = (m * np.float32(self.num_timesteps)).astype(np.int32)
+        if self.exact_conditioning:
+            steps = np.where(m == 0, np.int32(-1), steps)
+        return steps
+
+    def _mask_before_step(self, x, t, frame_mask, model_kwargs, mask_noise):
+        """Frames due at this step (release step == t) are noised from their reference to level t;
+        x_mask = release step > t (True = generated) joins the model kwargs. Returns (x, the step's input
+        before re-noising, kwargs, hold [B, 1, T, 1, 1] bool: frames to reset to that input afterwards)."""
+        steps = self.frame_mask_steps(frame_mask, x.shape)  # [B, T]
+        tt = t.asnumpy().astype(np.int64).reshape(-1, 1)
+        b, tf = steps.shape
+        x_ref = x
+        release = steps == tt
+        if release.any():
+            if mask_noise is None:
+                mask_noise = ops.randn_like(x)
+            n = x.ndim
+            noised = (self._extract(self._sqrt_alphas_cumprod, t, n) * x
+                      + self._extract(self._sqrt_one_minus_alphas_cumprod, t, n) * mask_noise.astype(x.dtype))
+            x = ops.where(ms.Tensor(release.reshape(b, 1, tf, 1, 1)), noised, x)
+        model_kwargs = dict(model_kwargs or {})
+        model_kwargs["x_mask"] = ms.Tensor(steps > tt)  # bool [B, T]
+        hold = ms.Tensor((steps < tt).reshape(b, 1, tf, 1, 1))
+        return x, x_ref, model_kwargs, hold
+
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None,
+                 frame_mask=None, mask_noise=None):
         """One ancestral step: x_{t-1} = mean + [t != 0] * exp(log_var / 2) * noise.
+
+        With `frame_mask` [B, T] (float, see `frame_mask_steps`; Open-Sora 1.1 conditioning): frames whose
+        release step equals t are first replaced by sqrt(abar_t) x + sqrt(1 - abar_t) mask_noise (x holds
+        the reference there), the model gets x_mask = release step > t, and after the step frames whose
+        release step is below t are reset to their input (the reference).
 
         :return: dict with "sample" and "pred_xstart".
         """
+        if frame_mask is not None:
+            x, x_ref, model_kwargs, hold = self._mask_before_step(x, t, frame_mask, model_kwargs, mask_noise)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         if noise is None:
             noise = ops.randn_like(x)
         nonzero_mask = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))  # no noise at t == 0
         sample = out["mean"] + nonzero_mask * ops.exp(0.5 * out["log_variance"]) * noise
+        if frame_mask is not None:
+            sample = ops.where(hold, x_ref, sample)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def _initial(self, shape, noise):
@@ -359,29 +383,38 @@ class GaussianDiffusion:
         return indices
 
     def p_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False,
+        frame_mask=None,
     ):
-        """Yield p_sample's dict for t = T-1 .. 0, starting from `noise` (or a fresh N(0, I))."""
+        """Yield p_sample's dict for t = T-1 .. 0, starting from `noise` (or a fresh N(0, I)).
+        With `frame_mask`, `noise` holds the reference latents at the conditioning frames (p_sample)."""
         img = self._initial(shape, noise)
         for i in self._indices(progress):
             t = ms.Tensor(np.full((shape[0],), i, dtype=np.int32))
-            out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs)
+            out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, frame_mask=frame_mask)
             yield out
             img = out["sample"]
 
     def p_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False,
+        frame_mask=None,
     ):
         """Ancestral sampling; returns x_0 of `shape` (float32)."""
         final = None
         for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress, frame_mask
         ):
             pass
         return final["sample"]
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None):
-        """One DDIM step (Song et al. eq. 12), stochasticity `eta`."""
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None,
+                    frame_mask=None, mask_noise=None):
+        """One DDIM step (Song et al. eq. 12), stochasticity `eta`.
+
+        `frame_mask`: the rule of `p_sample` around the DDIM step (re-noise at release, x_mask, reset of
+        held frames). The original has no DDIM sampler with a mask; this is the same rule applied to it."""
+        if frame_mask is not None:
+            x, x_ref, model_kwargs, hold = self._mask_before_step(x, t, frame_mask, model_kwargs, mask_noise)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         n = x.ndim
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # re-derived whatever the model predicts
@@ -394,26 +427,30 @@ class GaussianDiffusion:
                 noise = ops.randn_like(x)
             nonzero_mask = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (n - 1))
             mean_pred = mean_pred + nonzero_mask * sigma * noise
+        if frame_mask is not None:
+            mean_pred = ops.where(hold, x_ref, mean_pred)
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0,
+        frame_mask=None,
     ):
         """Yield ddim_sample's dict for t = T-1 .. 0."""
         img = self._initial(shape, noise)
         for i in self._indices(progress):
             t = ms.Tensor(np.full((shape[0],), i, dtype=np.int32))
-            out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta)
+            out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta, frame_mask=frame_mask)
             yield out
             img = out["sample"]
 
     def ddim_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False, eta=0.0,
+        frame_mask=None,
     ):
         """DDIM sampling; returns x_0 of `shape` (float32)."""
         final = None
         for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress, eta
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, progress, eta, frame_mask
         ):
             pass
         return final["sample"]
@@ -429,13 +466,7 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll, mask) / _LOG2
         return {"output": ops.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, mask=None):
-        if model_kwargs is None:
-            model_kwargs = {}
-        model_output = self._call_model(model, x_t, t, model_kwargs)
-        return self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised, mask)
-
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, mask=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, mask=None, pass_x_mask=False):
         """Training losses for one timestep per sample; graph-mode safe.
 
         :param model: callable model(x_t, t, **model_kwargs) -> [B, C or 2C, ...].
@@ -443,11 +474,18 @@ class GaussianDiffusion:
         :param t: [B] int timestep indices.
         :param noise: optional [B, C, ...] Gaussian noise (drawn when None).
         :param mask: optional [B, T] bool (5-D inputs): False frames are conditioning frames, which get
-            x_t = q_sample(x_0, t=0) and are excluded from the losses (Open-Sora 1.1).
+            x_t = q_sample(x_0, t=0) (not exactly x_0, as the original) and are excluded from the MSE and
+            VLB terms by the frame mean of `mean_flat` (a sample without a True frame gets loss 0).
+        :param pass_x_mask: with a mask, also give it to the model as model_kwargs["x_mask"] (STDiT2 modulates
+            the False frames with t = 0). The original's train script puts it into the kwargs itself;
+            either way works, this saves the caller the second copy.
         :return: dict of float32 [B] tensors: "loss", "mse" (MSE losses), "vb" (learned sigma).
         """
         if model_kwargs is None:
             model_kwargs = {}
+        if mask is not None and pass_x_mask:
+            model_kwargs = dict(model_kwargs)
+            model_kwargs["x_mask"] = mask.astype(ms.bool_)
         x_start = x_start.astype(ms.float32)
         if noise is None:
             noise = ops.randn_like(x_start)
@@ -458,38 +496,17 @@ class GaussianDiffusion:
             x_t = ops.where(mask.astype(ms.bool_).reshape(mask.shape[0], 1, mask.shape[1], 1, 1), x_t, x_t0)
 
         terms = {}
-        if self._loss_kind in ("KL", "RESCALED_KL"):
-            model_output = self._call_model(model, x_t, t, model_kwargs)
-            vb = self._vb_terms_bpd_from_output(model_output, x_start, x_t, t, False, mask)["output"]
-            if self._loss_kind == "RESCALED_KL":
-                vb = vb * self.num_timesteps
-            terms["loss"] = vb
-            return terms
-
         model_output = self._call_model(model, x_t, t, model_kwargs).astype(ms.float32)
         c = x_t.shape[1]
         if self._learn_sigma:
             eps_out = model_output[:, :c]  # [B, 2C, ...] -> [B, C, ...]
             # learn the variance through the VLB without letting it move the mean prediction
             frozen_out = ops.cat([ops.stop_gradient(eps_out), model_output[:, c:]], axis=1)
-            vb = self._vb_terms_bpd_from_output(frozen_out, x_start, x_t, t, False, mask)["output"]
-            if self._loss_kind == "RESCALED_MSE":
-                vb = vb * (self.num_timesteps / 1000.0)  # keeps the VB term from dominating
-            terms["vb"] = vb
+            terms["vb"] = self._vb_terms_bpd_from_output(frozen_out, x_start, x_t, t, False, mask)["output"]
             model_output = eps_out
 
-        if self._mean_kind == "EPSILON":
-            target = noise
-        elif self._mean_kind == "START_X":
-            target = x_start
-        else:
-            target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
+        target = noise if self._mean_kind == "EPSILON" else x_start
         terms["mse"] = mean_flat((target - model_output) ** 2, mask)
         terms["loss"] = terms["mse"] + terms["vb"] if self._learn_sigma else terms["mse"]
         return terms
 
-    def _prior_bpd(self, x_start):
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dim, [B]."""
-        t = ms.Tensor(np.full((x_start.shape[0],), self.num_timesteps - 1, dtype=np.int32))
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(qt_mean, qt_log_variance, ops.zeros_like(qt_mean), ops.zeros_like(qt_mean))) / _LOG2

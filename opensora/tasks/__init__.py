@@ -1,51 +1,43 @@
-"""Tasks: what `run.py` does with a composed config (train, sample, ...), chosen by `task=`."""
+"""Tasks: what `run.py` does with a composed config (train, sample, ...), chosen by `task=`.
+
+Each task is `run(cfg) -> dict | None` (its metrics). Before it runs, the config was rebuilt (resume) and
+validated by the Hydra callback (opensora/config/callback.py) and the runtime initialised (opensora/runtime.py).
+"""
 from __future__ import annotations
 
 import logging
-import random
+from typing import Optional
 
-import numpy as np
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
 
-def setup_runtime(cfg: DictConfig) -> None:
-    """Check precision/parallel settings, set up MindSpore (graph mode: the whole train step is
-    compiled) and the ranks (msrun), and seed every RNG (the same seed on every rank)."""
-    import mindspore as ms
-
-    from opensora.config import check_parallel, check_precision, check_sigma
-    from opensora.model.precision import check_dtype_supported
-    from opensora.parallel import init_parallel, msrun_role, msrun_world_size
-
-    check_parallel(cfg.parallel)
-    check_sigma(cfg)
-    if cfg.parallel.mode == "sequence":  # before any process group: msrun's scheduler fails alike
-        from opensora.parallel.sequence import check_sequence_parallel
-
-        check_sequence_parallel(cfg, msrun_world_size() if msrun_role() else None)
-    if cfg.get("precision") is not None:
-        check_precision(cfg.precision, training=False)
-    ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.parallel.device_target,
-                   jit_config={"jit_level": cfg.parallel.jit_level},
-                   memory_optimize_level=cfg.parallel.get("memory_optimize_level", "O0"))
-    init_parallel(cfg.parallel)
-    if cfg.get("precision") is not None:
-        check_dtype_supported(cfg.precision.dtype, cfg.parallel.device_target)
-    for part in ("text_encoder", "vae"):  # components with their own dtype setting
-        dtype = (cfg.get(part) or {}).get("dtype")
-        if dtype in ("fp16", "bf16"):
-            check_dtype_supported(dtype, cfg.parallel.device_target, setting=f"{part}.dtype")
-    ms.set_seed(int(cfg.seed))
-    np.random.seed(int(cfg.seed))
-    random.seed(int(cfg.seed))
+def optimized_value(cfg: DictConfig, metrics: Optional[dict]) -> Optional[float]:
+    """The value of `optimized_metric` among the task's metrics (None when no metric is asked for); a metric the
+    task did not return fails naming the key and listing what it returned."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    metrics = metrics or {}
+    if name not in metrics:
+        have = ", ".join(sorted(metrics)) or "none"
+        raise KeyError(f"optimized_metric={name} is not among the metrics this run returned ({have}); set "
+                       "optimized_metric to one of them (and optimized_direction to minimize or maximize)")
+    value = metrics[name]
+    return float(value) if value is not None else float("nan")
 
 
-def run_task(cfg: DictConfig) -> float:
-    """Run `cfg.task._target_(cfg)` and return its metric as a float (for sweeps)."""
-    setup_runtime(cfg)
-    task = get_method(cfg.task._target_)
-    metric = task(cfg)
-    return float(metric) if metric is not None else float("nan")
+def run_task(cfg: DictConfig) -> Optional[float]:
+    """Initialise, run `cfg.task._target_(cfg)` and return the value a sweep optimises (or None)."""
+    from opensora.config.callback import NOTES
+    from opensora.runtime import initialise
+
+    for warning in NOTES.get("warnings", []):
+        log.warning(warning)
+    for key, (before, now) in NOTES.get("resume_changes", {}).items():
+        log.warning("resumed run changes %s: %r -> %r", key, before, now)
+    initialise(cfg)
+    metrics = get_method(cfg.task._target_)(cfg)
+    return optimized_value(cfg, metrics if isinstance(metrics, dict) else None)

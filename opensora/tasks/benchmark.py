@@ -30,10 +30,9 @@ from hydra.utils import instantiate
 from mindspore import nn
 from omegaconf import DictConfig
 
-from opensora.config import check_precision
-from opensora.parallel import broadcast_params, get_parallel
+from opensora.runtime import get_strategy
 from opensora.tasks.common import build_model, run_dir
-from opensora.tasks.train import build_train_step, named_params
+from opensora.train.step import build_train_step
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +140,14 @@ class _CfgForward(nn.Cell):
         return self.model(x, t, y, mask)
 
 
-def run(cfg: DictConfig) -> float:
-    task = cfg.task
-    check_precision(cfg.precision, training=True)
-    par = get_parallel()
+def run(cfg: DictConfig) -> dict:
+    task, strategy = cfg.task, get_strategy()
+    par = strategy.ctx
     out = run_dir(cfg)
     model = build_model(cfg)
     diffusion = instantiate(cfg.scheduler, num_sampling_steps=None)
-    broadcast_params(named_params(model).values())
-    step_fn, optimizer, _, _ = build_train_step(cfg, model, diffusion)
+    strategy.prepare_model(model)
+    step_fn, _, _ = build_train_step(cfg, model, diffusion, strategy)
 
     B = int(cfg.data.batch_size)
     C = int(model.in_channels)
@@ -203,11 +201,11 @@ def run(cfg: DictConfig) -> float:
     result = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "host": platform.node(),
-        "device_target": cfg.parallel.device_target,
-        "parallel": cfg.parallel.mode,
+        "device_target": str(cfg.device.target),
+        "parallel": str(cfg.parallel.mode),
         "world_size": world,
-        "precision": cfg.precision.dtype,
-        "loss_scale": cfg.precision.get("loss_scale"),
+        "precision": str(cfg.precision.dtype),
+        "loss_scale": None if cfg.precision.get("loss_scale") is None else str(cfg.precision.loss_scale),
         "recompute_blocks": int(model.recompute_blocks),
         "model": {"hidden_size": model.hidden_size, "depth": model.depth, "num_heads": model.num_heads,
                   "patch_size": list(model.patch_size), "input_size": [T, H, W], "in_channels": C,
@@ -230,12 +228,12 @@ def run(cfg: DictConfig) -> float:
         "sample_flops_per_step": sample_flops * world,
         "sample_flops_per_s": sample_flops * world / sample_s,
         "matmul_peak_flops_per_s": peak,
-        "matmul_peak_dtype": cfg.precision.dtype,
+        "matmul_peak_dtype": str(cfg.precision.dtype),
         "matmul_peak_fp32_flops_per_s": peak_fp32,
         "train_mfu": train_flops / train_s / peak,
         "sample_mfu": sample_flops / sample_s / peak,
         "peak_host_memory_mib": peak_host_memory_mib(),
-        "peak_device_memory_mib": peak_device_memory_mib(cfg.parallel.device_target),
+        "peak_device_memory_mib": peak_device_memory_mib(str(cfg.device.target)),
         "warmup_steps": int(task.warmup_steps),
         "steps": int(task.steps),
         "overrides": _overrides(),
@@ -249,11 +247,7 @@ def run(cfg: DictConfig) -> float:
             f.write(json.dumps(result) + "\n")
         (out / "benchmark.json").write_text(json.dumps(result, indent=1))
         log.info("appended the result to %s", path)
-    metric = str(task.get("metric", "train_step_s"))
-    if metric not in result:  # e.g. an experiment's train metric (color_acc) carried into task=benchmark
-        log.info("task.metric=%s is not a benchmark figure; returning train_step_s", metric)
-        metric = "train_step_s"
-    return float(result[metric])
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _overrides() -> list[str]:

@@ -22,9 +22,24 @@ def run_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def record_run(cfg: DictConfig, out: Path) -> None:
-    """Write what reproduces the run next to its outputs: resolved config and git commit."""
-    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+def record_dir(out: Path) -> Path:
+    """Where this launch's record goes: the run directory, or resumes/<time>/ beside the first run's record when
+    the run was resumed (Hydra's output_subdir, see conf/config.yaml)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sub = HydraConfig.get().output_subdir
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        sub = None
+    return out / Path(sub).parent if sub else out
+
+
+def record_run(cfg: DictConfig, out: Path) -> Path:
+    """Write what reproduces the run next to its outputs: the resolved config, the git commit and, for a resumed
+    run, the settings it changes. Returns the folder written to."""
+    folder = record_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config_resolved.yaml", resolve=True)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -32,7 +47,13 @@ def record_run(cfg: DictConfig, out: Path) -> None:
                                cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
-    (out / "git_sha.txt").write_text((sha or "unknown") + ("-dirty" if dirty else "") + "\n")
+    (folder / "git_sha.txt").write_text((sha or "unknown") + ("-dirty" if dirty else "") + "\n")
+    if cfg.get("resume") is not None:
+        from opensora.config.callback import NOTES
+
+        changes = {k: {"recorded": v[0], "now": v[1]} for k, v in NOTES.get("resume_changes", {}).items()}
+        OmegaConf.save(OmegaConf.create({"resume": str(cfg.resume), "changes": changes}), folder / "changes.yaml")
+    return folder
 
 
 def build_text_encoder(cfg: DictConfig, captions: Optional[Sequence[str]] = None):
@@ -173,12 +194,12 @@ def score_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequen
 
 
 def publish_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequence[str], out: Path, fps: int,
-                    upscale: int, logger, evaluate: bool) -> float:
-    """Save (and log) the videos of a sample/decode run; with `evaluate`, score them, put the scores in
-    the run summary and return the first score (the run's metric), else NaN."""
+                    upscale: int, logger, evaluate: bool) -> dict:
+    """Save (and log) the videos of a sample/decode run; with `evaluate`, score them, put the scores in the run
+    summary and return them ({} otherwise)."""
     save_samples(videos, prompts, out / "samples", fps, upscale, logger)
     if not evaluate:
-        return float("nan")
+        return {}
     result = score_samples(cfg, videos, prompts, out / "samples", logger)
     logger.summary(result)
-    return next(iter(result.values()), float("nan"))
+    return result

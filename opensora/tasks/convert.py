@@ -26,7 +26,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -36,17 +35,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import mindspore as ms
-from mindspore import ops
 
 from opensora.tasks.common import build_model, record_run, run_dir
+from opensora.utils.tensor_files import open_ms_checkpoint, save_ms_checkpoint, to_numpy
 
 log = logging.getLogger(__name__)
 
 T5_SIDE_FILES = ("config.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _numpy(t) -> np.ndarray:
-    return (ops.cast(t, ms.float32) if t.dtype == ms.bfloat16 else t).asnumpy()
 
 
 def digest(arr: np.ndarray) -> tuple:
@@ -57,11 +52,8 @@ def digest(arr: np.ndarray) -> tuple:
 
 def save_ckpt(params: Mapping[str, ms.Parameter], output: Path) -> dict[str, tuple]:
     """Write {name: tensor} as a MindSpore checkpoint (atomically); returns the digests of what was written."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp-{output.name}")
-    ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(tmp))
-    os.replace(tmp, output)
-    digests = {name: digest(_numpy(p)) for name, p in params.items()}
+    save_ms_checkpoint(params, output)
+    digests = {name: digest(to_numpy(p)) for name, p in params.items()}
     log.info("wrote %d tensors (%s values) to %s", len(params), f"{sum(int(p.size) for p in params.values()):,}",
              output)
     return digests
@@ -106,7 +98,7 @@ def verify_model(cfg: DictConfig, output: Path, saved: Mapping[str, tuple]) -> N
 
     model = build_model(cfg, with_pretrained=False)
     load_pretrained(model, output, logger=None)
-    compare(saved, {n: _numpy(p) for n, p in model.parameters_and_names()}, f"model loaded from {output}")
+    compare(saved, {n: to_numpy(p) for n, p in model.parameters_and_names()}, f"model loaded from {output}")
 
 
 def _t5_folder(cfg: DictConfig, output: Path) -> Path:
@@ -141,8 +133,6 @@ def convert_text_encoder(cfg: DictConfig, output: Path) -> dict[str, tuple]:
 
 
 def verify_text_encoder(cfg: DictConfig, output: Path, saved: Mapping[str, tuple]) -> None:
-    from opensora.text_encoder.embedder import read_ms_checkpoint
-
     folder = output.parent
     spec = OmegaConf.to_container(cfg.text_encoder, resolve=True)
     spec.update(from_pretrained=str(folder), tokenizer_path=None, config=None)
@@ -152,9 +142,9 @@ def verify_text_encoder(cfg: DictConfig, output: Path, saved: Mapping[str, tuple
         # the folder prefers safetensors: check the file itself, and say which one loads
         log.warning("%s also holds %s, which T5Embedder(from_pretrained=%s) prefers over model.ckpt", folder, used,
                     folder)
-        compare(saved, read_ms_checkpoint(output), str(output))
+        compare(saved, open_ms_checkpoint(output).load(), str(output))
         return
-    compare(saved, {n: _numpy(p) for n, p in encoder.model.parameters_and_names()},
+    compare(saved, {n: to_numpy(p) for n, p in encoder.model.parameters_and_names()},
             f"T5 encoder loaded from {folder}")
 
 
@@ -182,18 +172,18 @@ def verify_vae(cfg: DictConfig, output: Path, saved: Mapping[str, tuple]) -> Non
     spec = OmegaConf.to_container(cfg.vae, resolve=True)
     if "from_pretrained" not in inspect.signature(get_class(spec["_target_"])).parameters:
         # a VAE that cannot load a file: check the file itself
-        compare(saved, {n: _numpy(p) for n, p in ms.load_checkpoint(str(output)).items()}, str(output))
+        compare(saved, {n: to_numpy(p) for n, p in ms.load_checkpoint(str(output)).items()}, str(output))
         return
     spec.update(from_pretrained=str(output), config=None)
     vae = instantiate(spec)
-    compare(saved, {n: _numpy(p) for n, p in vae.module.parameters_and_names()}, f"VAE loaded from {output}")
+    compare(saved, {n: to_numpy(p) for n, p in vae.module.parameters_and_names()}, f"VAE loaded from {output}")
 
 
 CONVERTERS = {"model": (convert_model, verify_model), "text_encoder": (convert_text_encoder, verify_text_encoder),
               "vae": (convert_vae, verify_vae)}
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     if task.component not in CONVERTERS:
         raise ValueError(f"task.component={task.component!r}: expected one of {list(CONVERTERS)}")
@@ -207,4 +197,4 @@ def run(cfg: DictConfig) -> float:
     if task.verify:
         verify(cfg, output, saved)
     print(f"converted {task.component}: {len(saved)} tensors -> {output}", flush=True)
-    return float(len(saved))
+    return {"convert/tensors": len(saved)}

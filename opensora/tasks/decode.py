@@ -64,7 +64,7 @@ def _batches(shapes: list[tuple], batch_size: int):
         start = end
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     folder = Path(task.latents_dir)
     settings = check_latents_meta(folder, cfg.vae)

@@ -55,7 +55,7 @@ def text_entries(task: DictConfig) -> tuple[pd.DataFrame, str]:
     return rows, f"csv:{csv}"
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     if not task.get("output_dir"):
         raise ValueError("task=embed_text needs task.output_dir (or data.text_embed_folder): the cache folder to write")
@@ -63,10 +63,10 @@ def run(cfg: DictConfig) -> float:
     out = run_dir(cfg)
     record_run(cfg, out)
     rows, source = text_entries(task)
-    settings = text_cache_settings(cfg.text_encoder)
+    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
+    settings = text_cache_settings(cfg.text_encoder)  # now that its files (a trained tokenizer) exist
     if read_meta(folder) is not None and not task.overwrite:
         check_meta(folder, "text", settings, "task.output_dir")  # adding to a cache of the same encoder only
-    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
     info = {**settings, "from_pretrained": OmegaConf.select(cfg, "text_encoder.from_pretrained"),
             "dtype": OmegaConf.select(cfg, "text_encoder.dtype"), "source": source}
     write_meta(folder, "text", info)
@@ -84,4 +84,4 @@ def run(cfg: DictConfig) -> float:
     bar.close()
     write_index(folder, rows)
     log.info("text embeddings of %d captions in %s (%s; settings %s)", len(rows), folder, INDEX, settings)
-    return float(len(rows))
+    return {"embed_text/captions": len(rows)}

@@ -54,7 +54,7 @@ def _encode(vae, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(vae.encode(videos), np.float32), None
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task, data = cfg.task, cfg.data
     if not task.get("output_dir"):
         raise ValueError("task=embed_video needs task.output_dir (or data.video_embed_folder): the cache folder to write")
@@ -115,4 +115,4 @@ def run(cfg: DictConfig) -> float:
         log.warning("%d of %d videos could not be read and have no latent (listed in %s)", len(bad), len(firsts),
                     folder / "bad_videos.csv")
     log.info("latents of %d videos in %s (%s; settings %s)", len(kept), folder, INDEX, settings)
-    return float(len(kept))
+    return {"embed_video/videos": len(kept)}

@@ -19,7 +19,7 @@ from opensora.data.cache import INDEX, check_meta, load_text_embedding, read_ind
 from opensora.logger import build_logger
 from opensora.tasks.common import build_model, build_text_encoder, read_prompts, record_run, run_dir, \
     publish_samples, sample_latents
-from opensora.model.pretrained import SUFFIXES, load_pretrained
+from opensora.model.pretrained import HF_CONFIG, SUFFIXES, load_pretrained
 from opensora.utils.checkpoint import resolve_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 def load_model_weights(model, path: str, use_ema: bool = True) -> str:
     """Load weights from a train-task checkpoint directory (EMA if asked and present; every parameter
-    must be in it) or a checkpoint file (.ckpt, .safetensors, torch .pth; opensora/model/pretrained.py)."""
+    must be in it), a checkpoint file (.ckpt, .safetensors, torch .pth) or a Hugging Face model folder
+    (config.json + model.safetensors; opensora/model/pretrained.py)."""
     p = Path(path)
-    if p.suffix.lower() in SUFFIXES:
+    if p.suffix.lower() in SUFFIXES or (p / HF_CONFIG).is_file():
         load_pretrained(model, p, use_ema=use_ema)
         return str(p)
     ckpt = resolve_checkpoint_dir(p)
@@ -115,7 +116,7 @@ def write_latents(folder: Path, latents: Sequence[np.ndarray], prompts: Sequence
     log.info("saved %d latents %s to %s", len(rows), list(latents[0].shape) if len(latents) else [], folder)
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     """Sample videos; with task.text_embed_folder the text encoder is not built (cached embeddings),
     with task.save_latents the VAE is not built (latents saved for task=decode)."""
     task = cfg.task
@@ -144,7 +145,7 @@ def run(cfg: DictConfig) -> float:
     logger = build_logger(cfg)
     exit_code = 1
     try:
-        metric = float("nan")
+        metric = {}
         batches = sample_latents(model, text_encoder, sampler, prompts, shape, int(task.batch_size), int(cfg.seed))
         if keep_latents:
             latents = [z for batch in batches for z in batch]

@@ -3,13 +3,17 @@
     python run.py task=scan_videos task.folder=my/clips task.filters.min_frames=48 task.filters.min_height=256
     python run.py task=scan_videos task.csv_path=my/clips.csv task.folder=my/clips   # keeps the CSV's columns
 
-Writes two CSVs: scan.csv (every file: num_frames, height, width, fps, aspect_ratio = height / width,
-duration in s, readable, error, keep) and the kept rows (task.output_csv, default <run>/videos.csv),
-with paths relative to task.folder as data.video_folder expects. A file is readable when decord opens
-it and (task.check_decode) decodes its first and last frames, which finds truncated files.
+Writes two CSVs: the kept rows (task.output_csv, default <run>/videos.csv) with exactly the training
+columns path,text,num_frames,height,width,aspect_ratio (= height / width),fps first (text from the input
+CSV's text or caption column, empty for a folder; then the input CSV's other columns), so it trains
+directly; and scan.csv (every file: the same columns, then duration in s, readable, error, keep). Paths
+are relative to task.folder as data.video_folder expects; measurements as opensora.data.media_info's. A
+file is readable when decord opens it and (task.check_decode) decodes its first and last frames, which
+finds truncated files.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -18,70 +22,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from opensora.data.loader import map_ordered, worker_process_setup
+from opensora.data.media_info import PROBE_COLUMNS, find_media, probe  # noqa: F401 - probe re-exported
+from opensora.data.table import write_table
 from opensora.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image
 from opensora.tasks.common import record_run, run_dir
 
 log = logging.getLogger(__name__)
 
-INFO_COLUMNS = ["num_frames", "height", "width", "fps", "aspect_ratio", "duration", "readable", "error"]
-_CHECK: dict = {"decode": True}
-
-
-def _init(check_decode: bool) -> None:
-    worker_process_setup()
-    _CHECK["decode"] = bool(check_decode)
-
-
-def probe(path: str, check_decode: bool = True) -> dict:
-    """num_frames, height, width, fps, aspect_ratio (H / W), duration (s), readable, error of one file;
-    images have 1 frame, fps 0 and duration 0."""
-    info = {"num_frames": 0, "height": 0, "width": 0, "fps": 0.0, "aspect_ratio": float("nan"), "duration": 0.0,
-            "readable": False, "error": ""}
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise FileNotFoundError("file not found")
-        if is_image(path):
-            from opensora.data.video import read_image
-
-            h, w = read_image(p).shape[:2] if check_decode else _image_size(p)
-            info.update(num_frames=1, height=h, width=w)
-        else:
-            from opensora.utils.video_io import open_video, read_frames, video_info
-
-            reader = open_video(p, num_threads=1)
-            n, fps = len(reader), float(reader.get_avg_fps())
-            info.update(num_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0)  # from the header
-            if n < 1:
-                raise ValueError("no frames")
-            meta = video_info(reader)  # decodes frame 0
-            info.update(height=meta["height"], width=meta["width"])
-            if check_decode:
-                read_frames(reader, [0, n - 1])
-            del reader
-        info["aspect_ratio"] = info["height"] / info["width"] if info["width"] else float("nan")
-        info["readable"] = True
-    except Exception as e:  # noqa: BLE001 - any failure means unreadable
-        info["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    return info
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
-
-
-def _probe(path: str) -> dict:
-    return probe(path, _CHECK["decode"])
-
-
-def find_media(folder: Path) -> list[str]:
-    """Video and image files under `folder` (recursive), as sorted POSIX paths relative to it."""
-    exts = set(VIDEO_EXTENSIONS) | set(IMAGE_EXTENSIONS)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+INFO_COLUMNS = PROBE_COLUMNS
 
 
 def apply_filters(df: pd.DataFrame, filters, video: pd.Series) -> pd.Series:
@@ -115,7 +63,7 @@ def apply_filters(df: pd.DataFrame, filters, video: pd.Series) -> pd.Series:
     return keep
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     out = run_dir(cfg)
     record_run(cfg, out)
@@ -130,10 +78,13 @@ def run(cfg: DictConfig) -> float:
             raise ValueError(f"{csv}: no 'video' (or 'path') column; it has: {', '.join(df.columns)}")
         folder = folder or csv.resolve().parent
         df = df.drop(columns=[c for c in INFO_COLUMNS if c in df.columns])
+        df = df.rename(columns={old: new for old, new in (("video", "path"), ("caption", "text"))
+                                if old in df.columns and new not in df.columns})
+        col = "path"
     elif folder is not None:
         if not folder.is_dir():
             raise FileNotFoundError(f"task.folder={folder} does not exist")
-        col = "video"
+        col = "path"
         df = pd.DataFrame({col: find_media(folder)})
         if len(df) == 0:
             raise ValueError(f"task.folder={folder} holds no video or image files ({', '.join(VIDEO_EXTENSIONS)}, "
@@ -142,10 +93,12 @@ def run(cfg: DictConfig) -> float:
         raise ValueError("task=scan_videos needs task.folder (a folder to walk) or task.csv_path (a CSV of videos)")
 
     paths = [str(Path(v) if Path(v).is_absolute() else folder / v) for v in df[col]]
-    infos = list(tqdm(map_ordered(_probe, paths, int(task.num_workers), initializer=_init,
-                                  initargs=(bool(task.check_decode),)), total=len(paths), desc="scan",
-                      dynamic_ncols=True))
+    measure = functools.partial(probe, check_decode=bool(task.check_decode))
+    infos = list(tqdm(map_ordered(measure, paths, int(task.num_workers), initializer=worker_process_setup),
+                      total=len(paths), desc="scan", dynamic_ncols=True))
     df = pd.concat([df.reset_index(drop=True), pd.DataFrame(infos, columns=INFO_COLUMNS)], axis=1)
+    if "text" not in df.columns:
+        df["text"] = ""  # no captions yet: caption the videos before training
     video = ~df[col].map(is_image)
     df["keep"] = apply_filters(df, task.get("filters"), video)
     unreadable = df[~df["readable"]]
@@ -155,9 +108,9 @@ def run(cfg: DictConfig) -> float:
     kept_csv = Path(task.output_csv) if task.get("output_csv") else out / "videos.csv"
     scan_csv = kept_csv.with_name(f"{kept_csv.stem}_scan.csv") if task.get("output_csv") else out / "scan.csv"
     kept_csv.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(scan_csv, index=False)
-    kept = df[df["keep"]].drop(columns=["readable", "error", "keep"])
-    kept.to_csv(kept_csv, index=False)
+    write_table(df, scan_csv)
+    kept = df[df["keep"]].drop(columns=["duration", "readable", "error", "keep"])
+    write_table(kept, kept_csv)
     log.info("scanned %d files under %s: %d videos, %d images, %d unreadable; kept %d -> %s (all: %s)",
              len(df), folder, int((video & df["readable"]).sum()), int((~video & df["readable"]).sum()),
              len(unreadable), len(kept), kept_csv, scan_csv)
@@ -167,4 +120,4 @@ def run(cfg: DictConfig) -> float:
             log.info("kept videos: frames %d..%d, height %d..%d, width %d..%d, fps %.3g..%.3g", v.num_frames.min(),
                      v.num_frames.max(), v.height.min(), v.height.max(), v.width.min(), v.width.max(), v.fps.min(),
                      v.fps.max())
-    return float(len(kept))
+    return {"scan_videos/kept": len(kept)}

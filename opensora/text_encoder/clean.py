@@ -1,112 +1,23 @@
 """Caption cleaning of PixArt / Open-Sora (`clean_caption`, `text_preprocessing`) for free text.
 
-The same steps in the same order as the original. Two steps use third-party libraries there:
-  - HTML stripping (`BeautifulSoup(caption, "html.parser").text`): bs4 is used when installed,
-    otherwise the stdlib `html.parser` collects the text the same way (text nodes and entities
-    kept; tags, comments, <script>/<style>/<template> content dropped).
-  - `ftfy.fix_text`: ftfy is used when installed, otherwise a subset of its default fixes is
-    applied (terminal escapes, HTML entities when no "<", latin ligatures, character width,
-    curly quotes, line breaks, control characters, NFC). Missing without ftfy: mojibake repair
-    (`fix_encoding`, e.g. "Ã©" -> "é"), C1-control / lossy-UTF-8 / surrogate fixes.
-A fallback in use is logged once.
+The same steps in the same order as the original, with the same libraries: BeautifulSoup (`html.parser`) strips
+HTML, ftfy repairs text (both are dependencies of this project).
 """
 from __future__ import annotations
 
 import html
-import logging
 import re
-import unicodedata
 import urllib.parse
-from html.parser import HTMLParser
 
-log = logging.getLogger(__name__)
-_FALLBACK_LOGGED = set()
-
-
-def _log_fallback_once(lib: str, what: str) -> None:
-    if lib not in _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.add(lib)
-        log.warning("caption cleaning: %s is not installed, using %s", lib, what)
-
-
-# ================================================================
-# HTML text (BeautifulSoup(..., "html.parser").text)
-# ================================================================
-
-
-class _TextCollector(HTMLParser):
-    _SKIP = {"script", "style", "template", "rt", "rp"}  # bs4 keeps these strings out of .text
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts, self._skip = [], 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP:
-            self._skip += 1
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data):
-        if not self._skip:
-            self.parts.append(data)
-
-
-def html_text_stdlib(text: str) -> str:
-    parser = _TextCollector()
-    parser.feed(text)
-    parser.close()
-    return "".join(parser.parts)
+import ftfy
+from bs4 import BeautifulSoup
 
 
 def html_text(text: str) -> str:
-    try:
-        from bs4 import BeautifulSoup
-    except ImportError:
-        _log_fallback_once("bs4", "the stdlib html.parser")
-        return html_text_stdlib(text)
     return BeautifulSoup(text, features="html.parser").text
 
 
-# ================================================================
-# ftfy.fix_text subset
-# ================================================================
-
-_ANSI_RE = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
-_LIGATURES = {ord(c): unicodedata.normalize("NFKC", c) for c in "ĲĳǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬆ"}
-_LIGATURES.update({ord("ŉ"): "ʼn", ord("ﬅ"): "ſt"})
-_WIDTH = {0x3000: " "}
-_WIDTH.update({i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
-               if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
-_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
-_CONTROL = {i: None for i in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                              *range(0xFFF9, 0xFFFD)]}
-
-
-def fix_text_subset(text: str) -> str:
-    """ftfy.fix_text's default fixes minus the encoding (mojibake) repairs; line by line like ftfy."""
-    out = []
-    for line in text.splitlines(keepends=True) if "\n" in text else [text]:
-        line = _ANSI_RE.sub("", line)
-        if "<" not in line:
-            line = html.unescape(line)
-        line = line.translate(_LIGATURES).translate(_WIDTH)
-        line = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', line))
-        line = line.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n")
-        line = line.replace("\u0085", "\n").translate(_CONTROL)
-        out.append(unicodedata.normalize("NFC", line))
-    return "".join(out)
-
-
 def fix_text(text: str) -> str:
-    try:
-        import ftfy
-    except ImportError:
-        _log_fallback_once("ftfy", "a subset of ftfy.fix_text (no mojibake repair)")
-        return fix_text_subset(text)
     return ftfy.fix_text(text)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,90 +26,14 @@ import mindspore as ms
 from opensora.text_encoder.clean import text_preprocessing
 from opensora.text_encoder.t5 import T5Config, T5Encoder
 from opensora.text_encoder.tokenizer import T5Tokenizer
+from opensora.utils.tensor_files import open_tensors, resolve_dtype, to_numpy
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
-           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
 _SKIPPED_PREFIXES = ("decoder.", "lm_head.")
 _EMBED_ALIAS = {"encoder.embed_tokens.weight": "shared.weight"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model.ckpt", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-# ================================================================
-# Reading checkpoint files
-# ================================================================
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def safetensors_keys(path) -> list[str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [k for k in header if k != "__metadata__"]
-
-
-def read_safetensors(path, keys: Optional[set] = None) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors file as numpy (bf16 widened to float32), only `keys` if given."""
-    out = {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        start = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__" or (keys is not None and name not in keys):
-                continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            arr = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=(end - begin) // dtype.itemsize)
-            if info["dtype"] == "BF16":  # bf16 = upper half of a float32
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            out[name] = arr.reshape(info["shape"])
-    return out
-
-
-def read_torch_bin(path, keys: Optional[set] = None, all_keys: Optional[list] = None) -> dict[str, np.ndarray]:
-    """Tensors of a pytorch_model*.bin (torch.load with weights_only=True) as numpy, only `keys` if
-    given; every key of the file is appended to `all_keys` when given."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs torch (pip install 'opensora[torch]'), "
-                          "or convert the checkpoint to safetensors") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    out = {}
-    for name, t in state.items():
-        if all_keys is not None:
-            all_keys.append(name)
-        if keys is not None and name not in keys:
-            continue
-        t = t.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        out[name] = t.numpy()
-    return out
-
-
-def read_ms_checkpoint(path, keys: Optional[set] = None, all_keys: Optional[list] = None) -> dict[str, np.ndarray]:
-    """Tensors of a MindSpore .ckpt as numpy (bf16 widened to float32), only `keys` if given; every
-    key of the file is appended to `all_keys` when given."""
-    out = {}
-    for name, t in ms.load_checkpoint(str(path)).items():
-        if all_keys is not None:
-            all_keys.append(name)
-        if keys is not None and name not in keys:
-            continue
-        out[name] = (ms.ops.cast(t, ms.float32) if t.dtype == ms.bfloat16 else t).asnumpy()
-    return out
 
 
 def _load_index(index_path: Path) -> dict[str, str]:
@@ -174,13 +97,9 @@ def load_hf_t5_weights(encoder: T5Encoder, folder) -> LoadReport:
                 all_keys.extend(k for k in _load_index(folder / name) if k not in wanted)
             break
     for path in files:
-        if path.suffix == ".safetensors":
-            all_keys.extend(safetensors_keys(path))
-            tensors = read_safetensors(path, wanted)
-        elif path.suffix == ".ckpt":
-            tensors = read_ms_checkpoint(path, wanted, all_keys)
-        else:
-            tensors = read_torch_bin(path, wanted, all_keys)
+        source = open_tensors(path, unwrap=False)  # a file holding pickled objects is refused, naming it
+        all_keys.extend(source.shapes)
+        tensors = source.load(wanted)
         for key, arr in tensors.items():
             name = _EMBED_ALIAS.get(key, key)
             if name not in params:
@@ -222,9 +141,7 @@ class T5Embedder:
     def __init__(self, from_pretrained: Optional[str] = None, config: Optional[dict] = None,
                  tokenizer_path: Optional[str] = None, model_max_length: int = 120, dtype: str = "fp32",
                  seed: int = 0, clean_caption: bool = True, cache_mb: float = 512, output_dim: Optional[int] = None):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
-        self.dtype = _DTYPES[dtype]
+        self.dtype = resolve_dtype(dtype, "text_encoder.dtype")
         if self.dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
             raise ValueError("T5Embedder dtype=bf16: MindSpore has no bfloat16 MatMul kernel on CPU; use fp32 or fp16")
         self.model_max_length = int(model_max_length)
@@ -336,6 +253,5 @@ class T5Embedder:
                        "legacy": True}, f, indent=2)
         tensors = {}
         for name, p in self.model.parameters_and_names():
-            arr = p.float().asnumpy() if p.dtype == ms.bfloat16 else p.asnumpy()
-            tensors[name] = np.ascontiguousarray(arr)
+            tensors[name] = np.ascontiguousarray(to_numpy(p))
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

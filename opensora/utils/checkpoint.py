@@ -18,22 +18,11 @@ from typing import Mapping, Optional
 
 import mindspore as ms
 
+from opensora.utils.tensor_files import atomic_write_text, save_ms_checkpoint
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_params(params: Mapping[str, ms.Parameter], path: Path) -> None:
-    ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(path))
 
 
 class CheckpointManager:
@@ -46,23 +35,31 @@ class CheckpointManager:
     def save(self, step: int, model_params: Mapping[str, ms.Parameter],
              ema_params: Optional[Mapping[str, ms.Parameter]], optimizer_params: Mapping[str, ms.Parameter],
              state: dict) -> Path:
-        """Write one checkpoint. Params are given as {name: Parameter}; EMA names are the model's."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Write one checkpoint. Params are given as {name: Parameter}; EMA names are the model's. A failed write
+        (permissions, a full disk) leaves the previous checkpoint as the latest and names the folder."""
         name = f"step_{step:06d}"
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _save_params(model_params, tmp / "model.ckpt")
-        if ema_params is not None:
-            _save_params(ema_params, tmp / "ema.ckpt")
-        _save_params(optimizer_params, tmp / "optimizer.ckpt")
-        with open(tmp / "state.json", "w") as f:
-            json.dump({**state, "step": step}, f, indent=1)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(self.dir / LATEST, name)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_ms_checkpoint(model_params, tmp / "model.ckpt")
+            if ema_params is not None:
+                save_ms_checkpoint(ema_params, tmp / "ema.ckpt")
+            save_ms_checkpoint(optimizer_params, tmp / "optimizer.ckpt")
+            with open(tmp / "state.json", "w") as f:
+                json.dump({**state, "step": step}, f, indent=1)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(self.dir / LATEST, name)
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            raise OSError(f"could not write checkpoint {final} ({type(e).__name__}: {e}); "
+                          + (f"{previous} is still the latest checkpoint" if previous else "there is no earlier one")
+                          + f". Check that {self.dir} is writable and the disk has room") from e
         self._prune()
         return final
 
@@ -75,6 +72,18 @@ class CheckpointManager:
         if not self.dir.is_dir():
             return []
         return sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+
+    def candidates(self, resume: Optional[str] = None) -> list[Path]:
+        """Checkpoints to resume from, in the order to try them: the one `resume` names when it is a step folder;
+        otherwise the latest, then every older one (newest first), so a latest that does not load falls back to
+        the newest intact one."""
+        if resume is not None:
+            p = Path(resume)
+            if p.parent.name == "checkpoints" and p.name.startswith("step_"):
+                return [p]
+        latest = self.latest()
+        rest = [p for p in reversed(self.list()) if latest is None or p.resolve() != latest.resolve()]
+        return ([latest] if latest is not None else []) + rest
 
     def latest(self) -> Optional[Path]:
         pointer = self.dir / LATEST

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -56,22 +55,10 @@ def _check_frames(frames) -> np.ndarray:
     return frames
 
 
-def _tmp_path(path: Path) -> Path:
-    # same directory (so os.replace is atomic) and same suffix (so writers pick the format)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
 def _atomic_write(path, write) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return str(path)
+    from opensora.utils.tensor_files import atomic_write
+
+    return str(atomic_write(path, write))
 
 
 def save_video(frames, path, fps: int = 8, upscale: int = 1) -> str:

@@ -35,6 +35,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from opensora.utils.tensor_files import open_tensors, to_numpy
+
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
                 "diffusion_pytorch_model.ckpt")
@@ -468,8 +470,7 @@ def state_dict(cell: nn.Cell) -> dict[str, np.ndarray]:
     """{diffusers name: float32 numpy array} of `cell`'s parameters (e.g. to write a .ckpt or safetensors)."""
     out = {}
     for name, p in cell.parameters_and_names():
-        arr = p.float().asnumpy() if p.dtype == ms.bfloat16 else p.asnumpy()
-        out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        out[name] = np.ascontiguousarray(to_numpy(p), dtype=np.float32)
     return out
 
 
@@ -484,22 +485,10 @@ def find_weight_file(folder) -> Path:
 
 def read_weights(path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors / .bin (torch, weights_only) / .ckpt (MindSpore) file as numpy."""
-    from opensora.text_encoder.embedder import read_safetensors, read_torch_bin
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return read_torch_bin(path)
-    if path.suffix == ".ckpt":
-        try:
-            params = ms.load_checkpoint(str(path))
-        except Exception as e:  # MindSpore raises ValueError/RuntimeError for unreadable files
-            raise ValueError(f"{path} is not a readable MindSpore checkpoint: {e}") from e
-        return {k: (v.float() if v.dtype == ms.bfloat16 else v).asnumpy() for k, v in params.items()}
-    raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .bin or .ckpt)")
+    return open_tensors(path, unwrap=False).load()
 
 
 def rename_legacy_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

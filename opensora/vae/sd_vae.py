@@ -16,13 +16,11 @@ import numpy as np
 
 import mindspore as ms
 
+from opensora.utils.tensor_files import resolve_dtype
 from opensora.vae.autoencoder_kl import (AutoencoderKL, AutoencoderKLConfig, DecodeNet, DiagonalGaussianDistribution,
                                          EncodeNet, find_weight_file, load_weights, state_dict)
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
-           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
 
 
 def _resolve(from_pretrained, config) -> tuple[Optional[Path], AutoencoderKLConfig]:
@@ -79,9 +77,7 @@ class VideoAutoencoderKL:
                  shift_factor: Optional[float] = None, sample_posterior: bool = False, seed: int = 0,
                  dtype: str = "fp32", latent_channels: Optional[int] = None, downsample=None,
                  conv_impl: str = "auto"):
-        if dtype not in _DTYPES:
-            raise ValueError(f"VideoAutoencoderKL dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
-        ms_dtype = _DTYPES[dtype]
+        ms_dtype = resolve_dtype(dtype, "vae.dtype")
         if ms_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
             raise ValueError("VideoAutoencoderKL dtype=bf16: MindSpore has no bfloat16 Conv2D kernel on CPU; "
                              "use fp32 or fp16")
@@ -169,10 +165,17 @@ class VideoAutoencoderKL:
         moments = self._unfold(self._run(self._encode_net, self._fold(x)), x.shape[0])
         return DiagonalGaussianDistribution(moments, axis=1)
 
-    def encode(self, x, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-        """Videos [B, in, T, H, W] in [-1, 1] -> scaled latents [B, latent, T, H/f, W/f] float32."""
+    def encode(self, x, rng: Optional[np.random.Generator] = None, noise: Optional[np.ndarray] = None) -> np.ndarray:
+        """Videos [B, in, T, H, W] in [-1, 1] -> scaled latents [B, latent, T, H/f, W/f] float32. With
+        sample_posterior, z = mean + std * noise: the given `noise` (the train task draws it from its own RNG for
+        the global batch), else drawn from `rng` (default: this VAE's seeded RNG)."""
         dist = self.latent_dist(x)
-        z = dist.sample(rng if rng is not None else self.rng) if self.sample_posterior else dist.mean
+        if not self.sample_posterior:
+            z = dist.mean
+        elif noise is not None:
+            z = dist.sample(noise=np.asarray(noise, np.float32))
+        else:
+            z = dist.sample(rng if rng is not None else self.rng)
         return ((z - self.shift_factor) * self.scale_factor).astype(np.float32)
 
     def decode(self, z) -> np.ndarray:

@@ -1,0 +1,216 @@
+"""What the tests share: composing configs like run.py, one CLI runner, one msrun launcher, one tiny-override list,
+checkpoint comparison, and media files made in tmp_path. Test modules import from here, never from each other."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from opensora.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+register_configs()
+
+# A tiny, fast training setup on the demo's data: one block of hidden 32, 4 frames of 8x8 pixels moving 1 px per
+# frame, 64 clips, batch 4, 3 sampling steps, one held-out sample per prompt.
+TINY = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "model.num_heads=2", "data.num_frames=4",
+        "data.image_size=8", "data.dataset.speed=1", "data.batch_size=4", "data.dataset.num_samples=64",
+        "scheduler.num_sampling_steps=3", "task.eval.num_samples_per_prompt=1", "task.eval.batch_size=8",
+        "task.eval.upscale=2"]
+
+
+def compose_cfg(overrides: Sequence[str] = (), output_dir=None):
+    """Compose conf/config.yaml as run.py would; `paths.output_dir` pinned (no Hydra runtime here)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or ROOT / "outputs" / "pytest")
+    return cfg
+
+
+def cli_env(cwd: Path, **extra) -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PROJECT_ROOT": str(cwd),
+            "HYDRA_FULL_ERROR": "1", **extra}
+
+
+def run_cli(args: Sequence[str], cwd: Path, check: bool = True, timeout: float = 600, popen: bool = False,
+            env: Optional[dict] = None):
+    """`python run.py ARGS` in `cwd` (outputs under cwd/outputs) as a user would type it. check: raise with the
+    output when it fails. popen: start it in the background, in its own process group, output to a file."""
+    env = env or cli_env(cwd)
+    cmd = [sys.executable, str(ROOT / "run.py"), *args]
+    if popen:  # a full pipe would block it
+        log = open(Path(cwd) / "background.log", "w")
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_msrun(args: Sequence[str], cwd: Path, workers: int = 2, log_dir: Optional[Path] = None,
+              timeout: float = 900, extra: Sequence[str] = ()):
+    """`msrun --worker_num=W --local_worker_num=W ... ARGS` in `cwd`; returns (process, {log name: text})."""
+    log_dir = log_dir or Path(cwd) / "msrun"
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    env = cli_env(cwd, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
+           f"--log_dir={log_dir}", "--join=True", *extra, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = {p.name: p.read_text() for p in Path(log_dir).glob("*.log")}
+    return proc, logs
+
+
+def msrun_output(proc, logs) -> str:
+    return proc.stdout[-2000:] + "\n".join(v[-3000:] for v in logs.values())
+
+
+def load_ckpt(path) -> dict:
+    import mindspore as ms
+
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+def assert_same_training_state(got: Path, ref: Path, position: Optional[int] = None, rng: bool = False) -> None:
+    """Two checkpoint directories hold the same model, EMA, optimiser state, data position and loss average.
+
+    The same maths summed in a different order (a mean of 2 rank means vs one mean of 4) differs by fp32 rounding
+    only, hence the tolerances (relative 1e-5 of each value, 1e-6 absolute for values near 0)."""
+    for name in ("model.ckpt", "ema.ckpt", "optimizer.ckpt"):
+        a, b = load_ckpt(got / name), load_ckpt(ref / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{k}")
+    sa, sb = (json.loads((d / "state.json").read_text()) for d in (got, ref))
+    assert sa["data"] == sb["data"]
+    if position is not None:
+        assert sa["data"] == {"epoch": 0, "position": position}
+    if rng:
+        assert sa["rng"] == sb["rng"]
+    assert abs(sa["loss_avg"] - sb["loss_avg"]) < 1e-5 * abs(sb["loss_avg"])
+
+
+# ================================================================
+# Media files
+# ================================================================
+
+# name: (frames, height, width, fps); "tall" has width 48, which decord returns with padded rows.
+VIDEOS = {"clips/wide.mp4": (50, 48, 80, 24), "clips/tall.mp4": (40, 96, 48, 30),
+          "clips/sub/small.mp4": (24, 32, 40, 12), "clips/short.mp4": (3, 40, 40, 24)}
+BAD = ["clips/short.mp4", "clips/corrupt.mp4", "clips/truncated.mp4", "clips/missing.mp4"]
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+    """H.264 mp4 of uint8 frames [T, H, W, 3] (near-lossless, crf 12)."""
+    import imageio_ffmpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t, h, w, _ = frames.shape
+    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24",
+                                         pix_fmt_out="yuv420p", quality=None, macro_block_size=1,
+                                         ffmpeg_log_level="error", output_params=["-crf", "12", "-movflags", "+faststart"])
+    writer.send(None)
+    for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    writer.close()
+
+
+def grey_clip(t: int, h: int, w: int) -> np.ndarray:
+    """Frame i is a uniform grey of level 16 + 4 i, so decoded frames can be identified by their pixels."""
+    return np.broadcast_to((16 + 4 * np.arange(t, dtype=np.uint8))[:, None, None, None], (t, h, w, 3)).copy()
+
+
+def frame_ids(frames_uint8: np.ndarray) -> list[int]:
+    """Frame indices read back from grey levels (uint8 frames [T, H, W, 3])."""
+    return [int(round((float(f.mean()) - 16) / 4)) for f in frames_uint8]
+
+
+def still_image() -> np.ndarray:
+    """32 x 50 RGB pattern: R = 5 * column, G = 7 * row, B = 200."""
+    r, c = np.mgrid[0:32, 0:50]
+    return np.stack([5 * c, 7 * r, np.full_like(r, 200)], -1).astype(np.uint8)
+
+
+def make_media(root: Path) -> Path:
+    """Good videos of several sizes, fps and lengths, one too short, one corrupt, one truncated, one image and
+    one missing file, listed in root/videos.csv (paths relative to root)."""
+    import pandas as pd
+    from PIL import Image
+
+    for name, (t, h, w, fps) in VIDEOS.items():
+        write_mp4(root / name, grey_clip(t, h, w), fps)
+    (root / "clips/corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    rng = np.random.default_rng(1)
+    write_mp4(root / "clips/full.mp4", rng.integers(0, 256, (30, 32, 32, 3), np.uint8), 24)
+    data = (root / "clips/full.mp4").read_bytes()
+    (root / "clips/truncated.mp4").write_bytes(data[:int(len(data) * 0.6)])
+    (root / "clips/full.mp4").unlink()
+    (root / "stills").mkdir()
+    Image.fromarray(still_image()).save(root / "stills/still.png")
+    rows = [("clips/wide.mp4", "a wide grey clip"), ("clips/tall.mp4", "a tall grey clip"),
+            ("clips/sub/small.mp4", "a small grey clip"), ("clips/short.mp4", "a short clip"),
+            ("clips/corrupt.mp4", "a corrupt file"), ("clips/truncated.mp4", "a truncated clip"),
+            ("stills/still.png", "a still image"), ("clips/missing.mp4", "a missing clip")]
+    pd.DataFrame(rows, columns=["video", "caption"]).to_csv(root / "videos.csv", index=False)
+    return root / "videos.csv"
+
+
+# Camera clips: a smooth random texture (Gaussian-blurred noise, sigma 3 px) seen through a 64 x 48 window that
+# moves 0.3 px per frame (pans, tilts) or scales by 0.6 % per frame (zooms): 4.5 px between the frames 15 apart
+# that the camera-motion detector compares, well inside what Farneback tracks on such frames.
+H, W = 48, 64
+SPEED, ZOOM = 0.3, 1.006  # px per frame, scale per frame
+# camera motion -> how the window moves over the texture (dx, dy px per frame; zoom per frame). A camera
+# panning right sees the content move left: the window moves right (+x) over the texture.
+MOTIONS = {"pan right": dict(dx=SPEED), "pan left": dict(dx=-SPEED), "tilt up": dict(dy=-SPEED),
+           "tilt down": dict(dy=SPEED), "zoom in": dict(zoom=ZOOM), "zoom out": dict(zoom=1 / ZOOM), "static": {}}
+
+
+def texture(seed: int, h: int = 300, w: int = 400) -> np.ndarray:
+    """[h, w, 3] uint8: Gaussian-blurred (sigma 3) uniform noise stretched to 0..255."""
+    import cv2
+
+    t = cv2.GaussianBlur(np.random.default_rng(seed).random((h, w, 3)).astype(np.float32), (0, 0), 3)
+    return np.round((t - t.min()) / (t.max() - t.min()) * 255).astype(np.uint8)
+
+
+def camera_clip(seed: int, frames: int, h: int = H, w: int = W, dx: float = 0.0, dy: float = 0.0,
+                zoom: float = 1.0) -> np.ndarray:
+    """[frames, h, w, 3] uint8: the window of a texture, centred, moved by (dx, dy) px and scaled by zoom per frame."""
+    import cv2
+
+    tex = texture(seed, max(300, 2 * h), max(400, 2 * w))
+    cy, cx = tex.shape[0] / 2, tex.shape[1] / 2
+    out = []
+    for i in range(frames):
+        s = zoom ** i  # output pixel (x, y) shows texture pixel (cx + (x - w/2) / s + dx*i, cy + ...)
+        m = np.array([[1 / s, 0, cx - w / 2 / s + dx * i], [0, 1 / s, cy - h / 2 / s + dy * i]], np.float32)
+        out.append(cv2.warpAffine(tex, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REFLECT))
+    return np.stack(out)
+
+
+def scenes_video(path, lengths, motions, fps=24, h=H, w=W, seed=0):
+    """An mp4 of hard cuts: scene i has lengths[i] frames of its own texture moving as motions[i]."""
+    from opensora.utils.video_io import save_video
+
+    clips = [camera_clip(seed + i, n, h, w, **MOTIONS[m]) for i, (n, m) in enumerate(zip(lengths, motions))]
+    save_video(np.concatenate(clips), path, fps=fps)
+    return path
