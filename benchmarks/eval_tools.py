@@ -5,7 +5,7 @@
     python benchmarks/eval_tools.py --clips 4                  # quicker
 
 Writes, in a temporary folder (or --folder): CLIP ViT-L/14 and ViT-B/32 folders in the Hugging Face layout
-(openai's dimensions, random weights, a tokenizer from tests/tiny_clip.py - needs the dev extra), a LAION
+(openai's dimensions, random weights, a tokenizer from tests/eval_helpers.py - needs the dev extra), a LAION
 head of the released size, H.264 source clips (moving gradients with noise), and 16-frame 256x256 clips
 standing for task=sample's output, and the SD VAE (sd-vae-ft-ema's architecture, as a .ckpt). Each task runs
 as `python run.py task=...` on --clips clips; printed: the steady rate the task logs (after its first
@@ -39,7 +39,7 @@ B32 = dict(text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=
 SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
               latent_channels=4, norm_num_groups=32, sample_size=256)
-TOOLS = ("score_aesthetic", "score_matching", "eval_clip", "eval_vae")
+TOOLS = ("score_aesthetic", "score_match", "eval_clip", "eval_vae")
 
 
 def make_clip(folder: Path, dims: dict) -> Path:
@@ -48,7 +48,7 @@ def make_clip(folder: Path, dims: dict) -> Path:
 
     from opensora.eval.clip import CLIPConfig, CLIPModel
     from opensora.eval.clip_processing import EOS
-    from tiny_clip import write_vocab
+    from eval_helpers import write_vocab
 
     if (folder / "model.safetensors").is_file():
         return folder
@@ -172,8 +172,10 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         extra = [f"task.csv_path={csv}", f"task.num_workers={args.workers}", f"hydra.run.dir={out}"]
         if tool.startswith("score_"):  # rows per scoring batch: several batches, so a steady rate to report
-            extra += [f"task.output_csv={out / 'scores.csv'}", "task.overwrite=true", "task.batch_size=2"]
-        log, wall, peak = run_task(["~experiment", "logger=none", f"task={tool}", *overrides, *extra], out,
+            extra += [f"task.output_csv={out / 'scores.csv'}", "task.batch_size=2"]
+            for old in out.glob("scores*"):  # an earlier measurement's output and progress log: start over
+                old.unlink()
+        log, wall, peak = run_task(["logger=none", f"task={tool}", *overrides, *extra], out,
                                    args.max_rss_gb)
         rate = re.findall(r"([0-9.e+-]+) (\w+)/s after the first batch", log)
         steady = f"{float(rate[-1][0]):.3g} {rate[-1][1]}/s" if rate else "n/a"
@@ -183,8 +185,8 @@ def main() -> None:
 
     if "score_aesthetic" in args.tools:
         measure("score_aesthetic", [f"clip.from_pretrained={l14}", f"task.head_path={head}"], src, names)
-    if "score_matching" in args.tools:
-        measure("score_matching", [f"clip.from_pretrained={l14}"], src, names)
+    if "score_match" in args.tools:
+        measure("score_match", [f"clip.from_pretrained={l14}"], src, names)
     if "eval_clip" in args.tools:
         for clip, frames in ((l14, "4"), (b32, "null"), (l14, "null")):
             measure("eval_clip", [f"clip.from_pretrained={clip}", f"task.num_frames={frames}"], samples, sample_names)

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg
-from test_data import grey_clip, write_mp4
-from tiny_clip import tiny_clip
+from eval_helpers import lpips_files, tiny_clip
+from helpers import compose_cfg, grey_clip, run_cli, write_mp4
+from opensora.config import ConfigError, validate
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,26 +79,17 @@ def _ssim_by_hand(ref01):
     return float(np.mean(vals))
 
 
-def _lpips_files(folder):
-    from opensora.eval.lpips import CHANNELS
-    from test_lpips import torch_alexnet_features
-
-    torch.manual_seed(0)
-    torch.save({f"features.{k}": v for k, v in torch_alexnet_features().state_dict().items()}, folder / "alexnet.pth")
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(CHANNELS)}, folder / "alex.pth")
-    return folder / "alexnet.pth", folder / "alex.pth"
-
-
 def test_eval_vae_psnr_ssim_lpips_per_clip_and_mean(media, tmp_path):
     from opensora.logger.wandb import read_offline_run
     from opensora.tasks.eval_vae import run
 
-    alexnet, heads = _lpips_files(tmp_path)
+    _, _, alexnet, heads = lpips_files(tmp_path)
     cfg = compose_cfg(["task=eval_vae", f"task.csv_path={media / 'clips.csv'}", "vae=identity",
                        "vae._target_=test_eval_tasks.ShiftVAE", "task.num_frames=4", "task.frame_interval=2",
                        "task.image_size=32", "task.batch_size=2", "task.num_workers=1",
                        f"task.lpips.alexnet_path={alexnet}", f"task.lpips.heads_path={heads}"], tmp_path)
-    mean_psnr = run(cfg)
+    metrics = run(cfg)
+    mean_psnr = metrics["eval_vae/psnr"]
     table = pd.read_csv(tmp_path / "eval_vae.csv")
     table["error"] = table["error"].fillna("")
     assert table.columns.tolist() == ["path", "fps", "psnr", "ssim", "lpips", "frames", "error"]
@@ -129,17 +120,19 @@ def test_eval_vae_errors(media, tmp_path):
     from opensora.tasks.eval_vae import run
 
     base = ["task=eval_vae", "vae=identity", "logger=none", "task.image_size=32"]
-    with pytest.raises(ValueError, match="task.csv_path is not set"):
-        run(compose_cfg(base, tmp_path))
     (tmp_path / "bad.csv").write_text("file\nx.mp4\n")
-    with pytest.raises(ValueError, match=r"no 'path' column \(or 'video'\), which task=eval_vae needs"):
+    with pytest.raises(ValueError, match=r"no 'path' \(or 'video'\) column; it has: file"):
         run(compose_cfg([*base, f"task.csv_path={tmp_path / 'bad.csv'}"], tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"task\.lpips\.alexnet_path=.*a\.pth does not exist: LPIPS needs the AlexNet"):
-        run(compose_cfg([*base, f"task.csv_path={media / 'clips.csv'}", f"task.lpips.alexnet_path={tmp_path}/a.pth"],
-                        tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"vae\.from_pretrained=.*no_vae does not exist"):
-        run(compose_cfg(["~experiment", *base, f"task.csv_path={media / 'clips.csv'}", "vae=sd_vae_ft_ema",
-                         f"vae.from_pretrained={tmp_path}/no_vae"], tmp_path))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([*base, f"task.csv_path={media / 'clips.csv'}", "vae=sd_vae_ft_ema",
+                              f"vae.from_pretrained={tmp_path}/no_vae", f"task.lpips.alexnet_path={tmp_path}/a.pth"],
+                             tmp_path))
+    text = str(err.value)
+    assert "vae.from_pretrained=" in text and "no_vae does not exist" in text
+    assert "task.lpips.alexnet_path=" in text and "a.pth: no such file" in text
+    assert "task.lpips.heads_path is not set but task.lpips.alexnet_path is" in text
+    with pytest.raises(ValueError, match="SSIM needs frames of at least 11 pixels"):
+        run(compose_cfg([*base, f"task.csv_path={media / 'clips.csv'}", "task.image_size=8"], tmp_path))
 
 
 # ================================================================
@@ -194,7 +187,7 @@ def test_eval_clip_on_a_samples_folder(clip_folder, samples, tmp_path, num_frame
     cfg = compose_cfg(["task=eval_clip", f"task.samples_dir={samples}", f"clip.from_pretrained={folder}",
                        "clip.batch_size=4", "logger=none", f"task.num_frames={'null' if num_frames is None else 3}",
                        "task.num_workers=0"], tmp_path)
-    mean = run(cfg)
+    mean = run(cfg)["eval_clip/clip_score"]
     table = pd.read_csv(tmp_path / "clip_score.csv")
     assert table["text"].tolist() == PROMPTS and table["frames"].tolist() == [6 if num_frames is None else 3] * 3
     entries = json.loads((samples / "prompts.json").read_text())
@@ -226,7 +219,7 @@ def test_eval_clip_on_a_csv_counts_unreadable_videos(clip_folder, samples, tmp_p
                        "logger=none", "task.num_workers=0"], tmp_path)
     run(cfg)
     table = pd.read_csv(tmp_path / "clip_score.csv", keep_default_na=False)
-    assert table.columns.tolist() == ["video", "caption", "fps", "clip_score", "frames", "error"]
+    assert table.columns.tolist() == ["path", "text", "fps", "clip_score", "frames", "error"]  # video,caption read as such
     assert table["error"].tolist()[0] == "" and "file not found" in table["error"].tolist()[1]
     assert json.loads((tmp_path / "clip_score.json").read_text())["num_failed"] == 1
 
@@ -240,14 +233,15 @@ def test_eval_clip_errors(clip_folder, samples, tmp_path):
         run(compose_cfg(base, tmp_path))
     with pytest.raises(FileNotFoundError, match="has no prompts.json"):
         run(compose_cfg([*base, f"task.samples_dir={tmp_path}"], tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"task\.samples_dir=.*nowhere does not exist"):
-        run(compose_cfg([*base, f"task.samples_dir={tmp_path / 'nowhere'}"], tmp_path))
     (tmp_path / "notext.csv").write_text("path\na.mp4\n")
-    with pytest.raises(ValueError, match=r"no 'text' column \(or 'caption'\), which task=eval_clip needs"):
+    with pytest.raises(ValueError, match=r"no column 'text' \(needed for task=eval_clip"):
         run(compose_cfg([*base, f"task.csv_path={tmp_path / 'notext.csv'}"], tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"clip\.from_pretrained=.*noclip does not exist"):
-        run(compose_cfg([*base, f"task.samples_dir={samples}", f"clip.from_pretrained={tmp_path / 'noclip'}"],
-                        tmp_path))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([*base, f"task.samples_dir={tmp_path / 'nowhere'}",
+                              f"clip.from_pretrained={tmp_path / 'noclip'}"], tmp_path))
+    text = str(err.value)
+    assert "task.samples_dir=" in text and "nowhere: no such folder" in text
+    assert "clip.from_pretrained=" in text and "noclip does not exist" in text
 
 
 @pytest.mark.slow
@@ -255,7 +249,6 @@ def test_eval_clip_after_a_sampling_run_through_the_cli(clip_folder, tmp_path):
     """`task=decode` (the last stage of sampling; it writes <run>/samples as task=sample does) with a fixed run
     directory, then `task=eval_clip task.samples_dir=<run>/samples`: the chained command the README shows."""
     from opensora.tasks.sample import write_latents
-    from test_cli import run_cli
 
     _, folder = clip_folder
     rng = np.random.default_rng(0)

@@ -1,7 +1,5 @@
 """LPIPS (AlexNet) in MindSpore against a PyTorch reference written from the lpips package's code
-(lpips/lpips.py: ScalingLayer, normalize_tensor, NetLinLayer, spatial_average; pretrained_networks.alexnet:
-torchvision's AlexNet.features cut after relu1..relu5), with random weights saved as torchvision /
-LPIPS state dicts in tmp_path. (The lpips package itself needs torchvision, which is not installed.)
+(tests/eval_helpers.py), with random weights saved as torchvision / LPIPS state dicts in tmp_path.
 
 Tolerance: |ours - torch| <= 1e-5 * max |torch| (float32; measured ~1e-7).
 """
@@ -10,53 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opensora.eval.lpips import CHANNELS, LpipsMetric, load_lpips
+from eval_helpers import lpips_files, torch_lpips
+from opensora.eval.lpips import LpipsMetric, load_lpips
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-
-
-def torch_alexnet_features():
-    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2),
-                         nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(3, 2))
-
-
-def torch_lpips(features, heads, x0, x1):
-    """lpips.LPIPS(net='alex', version='0.1', spatial=False).forward(x0, x1) for inputs in [-1, 1]."""
-    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
-    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
-    slices = [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)]
-
-    def feats(x):
-        h, outs = (x - shift) / scale, []
-        for a, b in slices:
-            for i in range(a, b):
-                h = features[i](h)
-            outs.append(h)
-        return outs
-
-    def norm(t):
-        return t / (torch.sqrt(torch.sum(t ** 2, dim=1, keepdim=True)) + 1e-10)
-
-    val = 0
-    for k, (a, b) in enumerate(zip(feats(x0), feats(x1))):
-        diff = (norm(a) - norm(b)) ** 2
-        val = val + torch.nn.functional.conv2d(diff, heads[f"lin{k}.model.1.weight"]).mean([2, 3], keepdim=True)
-    return val.flatten()
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    features = torch_alexnet_features().eval()
     folder = tmp_path_factory.mktemp("lpips")
-    sd = {f"features.{k}": v for k, v in features.state_dict().items()}
-    sd["classifier.1.weight"] = torch.randn(8, 4)  # torchvision's file has the classifier too: ignored
-    torch.save(sd, folder / "alexnet.pth")
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) * 0.1 for k, c in enumerate(CHANNELS)}
-    torch.save(heads, folder / "alex.pth")
+    features, heads, _, _ = lpips_files(folder, head_scale=0.1)
     return features, heads, folder
 
 

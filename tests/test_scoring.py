@@ -1,5 +1,5 @@
-"""Frame selection, the resumable CSV scorer, and the data tools' CLIP scores (task=score_aesthetic ->
-`aes`, task=score_matching -> `match`) against an independent computation: frames decoded with
+"""Frame selection, the batched resumable row runner, and the data tools' CLIP scores (task=score_aesthetic ->
+`aes`, task=score_match -> `match`) against an independent computation: frames decoded with
 read_video, chosen by the original's rule, transformers' CLIPImageProcessor / CLIPTokenizerFast /
 CLIPModel, and the LAION head as the original's torch nn.Sequential (a tiny random one saved as .pth).
 
@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg
+from eval_helpers import tiny_clip
+from helpers import compose_cfg, frame_ids, grey_clip, still_image, write_mp4
+from opensora.config import ConfigError, validate
 from opensora.data.frames import at_points, evenly_spaced, first_window, read_frames_at
 from opensora.data.loader import BadSampleError
-from opensora.tasks.scoring import score_csv
-from test_data import frame_ids, grey_clip, still_image, write_mp4
-from tiny_clip import tiny_clip
+from opensora.data.resumable import map_rows_batched, progress_path
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,18 +102,18 @@ def test_frame_selection_follows_the_original(media):
 
 
 # ================================================================
-# The resumable runner (no model)
+# The batched resumable runner (no model)
 # ================================================================
 
 
-def _fail_on_x(path):
+def _load_or_fail(path):
     if "x" in path:
         raise BadSampleError(path, "cannot read")
     return float(len(path))
 
 
-def test_score_csv_keeps_columns_skips_done_rows_and_lists_failures(tmp_path):
-    df = pd.DataFrame({"path": ["a", "bb", "x1", "ccc", "bb"], "fps": ["24.0", "30", "24", "8", "30"]})
+def test_map_rows_batched_scores_in_batches_resumes_and_keeps_failures(tmp_path):
+    keys = ["a", "bb", "x1", "ccc", "bb"]
     calls = []
 
     def score(rows):
@@ -121,32 +121,18 @@ def test_score_csv_keeps_columns_skips_done_rows_and_lists_failures(tmp_path):
         return [p * 10 for _, p in rows]
 
     out = tmp_path / "out.csv"
-    res = score_csv(df, ["path"], "aes", out, _fail_on_x, lambda row: (row["path"],), score, batch_size=2)
-    got = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert got.columns.tolist() == ["path", "fps", "aes"] and got["path"].tolist() == ["a", "bb", "ccc", "bb"]
-    assert got["fps"].tolist() == ["24.0", "30", "8", "30"]  # input values untouched
-    assert got["aes"].astype(float).tolist() == [10.0, 20.0, 30.0, 20.0]
-    assert res["scored"] == 3 and res["failed"] == 1 and res["failures"] == {"x1": "cannot read"}
-    failed = pd.read_csv(tmp_path / "out_failed.csv", dtype=str)
-    assert failed["path"].tolist() == ["x1"] and failed["error"].tolist() == ["cannot read"]
-    assert sum(len(c) for c in calls) == 3  # "bb" twice in the input, scored once
-
-    # a killed run: two rows written and a line cut short; the next run scores only what is missing
-    out.write_text("path,fps,aes\na,24.0,10.0\nccc,8,30.0\nbb,3")
+    res = map_rows_batched(_load_or_fail, score, keys, keys, out, {"model": "m1"}, batch_size=2)
+    assert res == {"a": (True, 10.0, ""), "bb": (True, 20.0, ""), "x1": (False, None, res["x1"][2]),
+                   "ccc": (True, 30.0, "")}
+    assert "cannot read" in res["x1"][2]
+    assert calls == [[1.0, 2.0], [3.0]]  # batches of up to 2 rows; "bb" twice in the input, loaded once
+    # the next run computes only what failed, and refuses a log made with other settings
     calls.clear()
-    res = score_csv(df, ["path"], "aes", out, _fail_on_x, lambda row: (row["path"],), score, batch_size=8)
-    assert res["skipped"] == 2 and res["scored"] == 1 and calls == [[2.0]]
-    got = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert got["path"].tolist() == ["a", "bb", "ccc", "bb"] and got["aes"].astype(float).tolist() == [10, 20, 30, 20]
-    # overwrite starts over; a finished output leaves nothing to do
-    calls.clear()
-    assert score_csv(df, ["path"], "aes", out, _fail_on_x, lambda row: (row["path"],), score, 8)["skipped"] == 3
-    assert calls == []
-    assert score_csv(df, ["path"], "aes", out, _fail_on_x, lambda row: (row["path"],), score, 8,
-                     overwrite=True)["scored"] == 3
-    pd.DataFrame({"other": [1]}).to_csv(tmp_path / "foreign.csv", index=False)
-    with pytest.raises(ValueError, match="not this task's output"):
-        score_csv(df, ["path"], "aes", tmp_path / "foreign.csv", _fail_on_x, lambda row: (row["path"],), score, 8)
+    res = map_rows_batched(lambda p: 7.0, score, keys, keys, out, {"model": "m1"}, batch_size=8)
+    assert calls == [[7.0]] and res["x1"] == (True, 70.0, "") and res["a"] == (True, 10.0, "")
+    with pytest.raises(ValueError, match=r"other settings \(model: log 'm1' vs now 'm2'\)"):
+        map_rows_batched(_load_or_fail, score, keys, keys, out, {"model": "m2"}, batch_size=8)
+    assert progress_path(out).is_file()
 
 
 # ================================================================
@@ -170,10 +156,16 @@ def _reference_pixels(folder, media, path, points, count=None):
 def _cfg(clip_folder, media, tmp_path, task, *extra):
     return compose_cfg([f"task={task}", f"task.csv_path={media / 'clips.csv'}", f"clip.from_pretrained={clip_folder}",
                         "clip.batch_size=4", "task.batch_size=2", "task.num_workers=0", "logger=none",
-                        f"task.output_csv={tmp_path / 'out.csv'}", *extra], tmp_path)
+                        f"task.output_csv={media / 'out' / tmp_path.name / 'out.csv'}", *extra], tmp_path)
 
 
-GOOD = ["clips/wide.mp4", "clips/tall.mp4", "clips/short.mp4", "stills/still.png", "clips/wide.mp4"]
+def _out(media, tmp_path):
+    return media / "out" / tmp_path.name / "out.csv"
+
+
+# paths as the output (in <media>/out/<test>/) finds them
+GOOD = [f"../../{p}" for p in ("clips/wide.mp4", "clips/tall.mp4", "clips/short.mp4", "stills/still.png",
+                               "clips/wide.mp4")]
 
 
 def test_score_aesthetic_matches_clip_and_the_original_head(clip_folder, head, media, tmp_path):
@@ -181,40 +173,41 @@ def test_score_aesthetic_matches_clip_and_the_original_head(clip_folder, head, m
 
     model, folder = clip_folder
     torch_head, head_path = head
-    mean = run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={head_path}"))
-    got = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+    metrics = run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={head_path}"))
+    got = pd.read_csv(_out(media, tmp_path), dtype=str, keep_default_na=False)
     assert got.columns.tolist() == ["path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "aes"]
     assert got["path"].tolist() == GOOD
     counts = dict(zip(got["path"], got["num_frames"]))
     want = []
     with torch.no_grad():
         for p in got["path"]:
-            x = _reference_pixels(folder, media, p, (0.1, 0.5, 0.9), int(counts[p]))
+            x = _reference_pixels(folder, media, p[len("../../"):], (0.1, 0.5, 0.9), int(float(counts[p])))
             f = torch.nn.functional.normalize(model.get_image_features(pixel_values=x), dim=-1)
             want.append(float(torch_head(f).mean()))
     aes = got["aes"].astype(float).to_numpy()
     np.testing.assert_allclose(aes, want, rtol=0, atol=1e-4 * np.abs(want).max())
-    assert np.ptp(aes) > 1e-3 and mean == pytest.approx(np.mean(aes[:4]), rel=1e-6)  # distinct paths
-    failed = pd.read_csv(tmp_path / "out_failed.csv")
+    assert np.ptp(aes) > 1e-3 and metrics["score_aesthetic/clips"] == 5
+    assert metrics["score_aesthetic/mean"] == pytest.approx(aes.mean(), rel=1e-6)
+    failed = pd.read_csv(_out(media, tmp_path).with_name("out_failed.csv"))
     assert sorted(failed["path"]) == ["clips/corrupt.mp4", "clips/missing.mp4"]
 
-    # the second run finds everything scored (and retries the two failures only)
+    # the second run finds everything scored in its progress log (and retries the two failures only)
     run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={head_path}"))
-    assert pd.read_csv(tmp_path / "out.csv", dtype=str)["aes"].tolist() == got["aes"].tolist()
+    assert pd.read_csv(_out(media, tmp_path), dtype=str)["aes"].tolist() == got["aes"].tolist()
 
 
-def test_score_matching_matches_clip(clip_folder, media, tmp_path):
-    from opensora.tasks.score_matching import run
+def test_score_match_matches_clip(clip_folder, media, tmp_path):
+    from opensora.tasks.score_match import run
 
     model, folder = clip_folder
-    run(_cfg(folder, media, tmp_path, "score_matching", "task.num_workers=1"))
-    got = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+    run(_cfg(folder, media, tmp_path, "score_match", "task.num_workers=1"))
+    got = pd.read_csv(_out(media, tmp_path), dtype=str, keep_default_na=False)
     assert got.columns.tolist()[-1] == "match" and got["path"].tolist() == GOOD
     tok = transformers.CLIPTokenizerFast.from_pretrained(folder)
     want = []
     with torch.no_grad():
         for p, t in zip(got["path"], got["text"]):
-            x = _reference_pixels(folder, media, p, (0.5,))  # the middle frame of the video's own count
+            x = _reference_pixels(folder, media, p[len("../../"):], (0.5,))  # the middle of the video's own count
             ids = tok([t], padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
             out = model(input_ids=ids, pixel_values=x)
             want.append(float(out.logits_per_image[0, 0]))  # logit_scale.exp() * cos
@@ -224,25 +217,28 @@ def test_score_matching_matches_clip(clip_folder, media, tmp_path):
 
 
 def test_scoring_errors_name_the_column_file_and_key(clip_folder, head, media, tmp_path):
-    from opensora.tasks import score_aesthetic, score_matching
+    from opensora.tasks import score_aesthetic, score_match
 
     _, folder = clip_folder
     _, head_path = head
     (tmp_path / "nopath.csv").write_text("file,text\na.mp4,a cat\n")
     (tmp_path / "notext.csv").write_text("path,fps\na.mp4,24\n")
-    with pytest.raises(ValueError, match=r"no 'path' column \(or 'video'\), which task=score_aesthetic needs; it has: "
-                                         r"file, text.*task=scan_videos"):
+    with pytest.raises(ValueError, match=r"no 'path' \(or 'video'\) column; it has: file, text"):
         score_aesthetic.run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={head_path}",
                                  f"task.csv_path={tmp_path / 'nopath.csv'}"))
-    with pytest.raises(ValueError, match=r"no 'text' column \(or 'caption'\), which task=score_matching needs"):
-        score_matching.run(_cfg(folder, media, tmp_path, "score_matching", f"task.csv_path={tmp_path / 'notext.csv'}"))
-    with pytest.raises(FileNotFoundError, match=r"task\.head_path=.*nohead\.pth does not exist"):
-        score_aesthetic.run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={tmp_path / 'nohead.pth'}"))
-    with pytest.raises(FileNotFoundError, match=r"clip\.from_pretrained=.*noclip does not exist"):
-        score_matching.run(_cfg(tmp_path / "noclip", media, tmp_path, "score_matching"))
-    with pytest.raises(FileNotFoundError, match=r"task\.csv_path=.*none\.csv does not exist"):
-        score_matching.run(_cfg(folder, media, tmp_path, "score_matching", f"task.csv_path={tmp_path / 'none.csv'}"))
+    with pytest.raises(ValueError, match=r"no column 'text' \(needed for task=score_match .*\): run a captioner"):
+        score_match.run(_cfg(folder, media, tmp_path, "score_match", f"task.csv_path={tmp_path / 'notext.csv'}"))
+    # missing files and folders are named, with their keys, before anything runs
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(tmp_path / "noclip", media, tmp_path, "score_aesthetic", f"task.head_path={tmp_path / 'h.pth'}",
+                      f"task.csv_path={tmp_path / 'none.csv'}"))
+    text = str(err.value)
+    assert "task.csv_path=" in text and "none.csv: no such file" in text
+    assert "task.head_path=" in text and "h.pth: no such file" in text
+    assert "clip.from_pretrained=" in text and "noclip does not exist" in text
+    validate(_cfg(folder, media, tmp_path, "score_match"))  # a good config passes
     # a head for other embeddings than this CLIP's
     torch.save(TorchHead((8, 4, 4, 4, 4, 1)).state_dict(), tmp_path / "small_head.pth")
     with pytest.raises(ValueError, match="takes 8-d embeddings.*gives 20-d"):
-        score_aesthetic.run(_cfg(folder, media, tmp_path, "score_aesthetic", f"task.head_path={tmp_path / 'small_head.pth'}"))
+        score_aesthetic.run(_cfg(folder, media, tmp_path, "score_aesthetic",
+                                 f"task.head_path={tmp_path / 'small_head.pth'}"))

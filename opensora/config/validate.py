@@ -137,7 +137,7 @@ RULES: dict[str, dict] = {
 CONFIG_ONLY: dict[str, set] = {"model": {"pretrained"}}
 # The _target_ sections whose keys are checked against their target's signature.
 TARGET_SECTIONS = ("model", "scheduler", "scheduler.sampler", "vae", "text_encoder", "data.dataset", "optim.optimizer",
-                   "optim.lr_schedule", "logger", "task.timestep_sampling", "parallel")
+                   "optim.lr_schedule", "logger", "task.timestep_sampling", "parallel", "clip")
 
 
 def _typed_rules(cfg: DictConfig, prefix: str = "") -> Iterable[tuple[str, Any, dict]]:
@@ -284,7 +284,32 @@ def _model_files(cfg) -> list[str]:
         if isinstance(folder, str) and not Path(folder).exists() and _part_is_built(cfg, part):
             problems.append(f"{part}.from_pretrained={folder} does not exist: put the downloaded folder there "
                             f"(README, 'Original weights'), or set {part}.from_pretrained=PATH")
+    folder = value_of(cfg, "clip.from_pretrained")
+    if task in CLIP_TASKS and isinstance(folder, str) and not (Path(folder) / "config.json").is_file():
+        problems.append(f"clip.from_pretrained={folder} {'has no config.json' if Path(folder).is_dir() else 'does not exist'}"
+                        ": put a Hugging Face CLIPModel folder there, e.g. `huggingface-cli download "
+                        "openai/clip-vit-large-patch14 --local-dir models/clip-vit-large-patch14` (README, 'Evaluation'), "
+                        "or set clip.from_pretrained=PATH")
     return problems
+
+
+@check
+def _lpips(cfg) -> list[str]:
+    if task_name(cfg) != "eval_vae":
+        return []
+    given = {k: value_of(cfg, f"task.lpips.{k}") for k in ("alexnet_path", "heads_path")}
+    missing = [k for k, v in given.items() if v in (None, _UNSET)]
+    if len(missing) == 1:
+        have = next(k for k in given if k not in missing)
+        return [f"task.lpips.{missing[0]} is not set but task.lpips.{have} is: LPIPS needs both the AlexNet weights "
+                "(torchvision's alexnet-owt-7be5be79.pth) and the LPIPS heads (lpips' weights/v0.1/alex.pth); set "
+                "both, or neither (no LPIPS)"]
+    return []
+
+
+# The tasks that build a CLIP (the root's `clip` section), and those that build neither text encoder nor VAE.
+CLIP_TASKS = ("eval_clip", "score_aesthetic", "score_match")
+EVAL_TASKS = ("eval_vae",) + CLIP_TASKS
 
 
 def builds(cfg, section: str) -> bool:
@@ -307,11 +332,11 @@ def _part_is_built(cfg, part: str) -> bool:
     if part == "text_encoder":
         return not (value_of(cfg, "data.text_embed_folder") not in (None, _UNSET) and task == "train"
                     or value_of(cfg, "task.text_embed_folder") not in (None, _UNSET)
-                    or task in ("decode", "embed_video", "scan_videos", "benchmark")
+                    or task in ("decode", "embed_video", "scan_videos", "benchmark") + EVAL_TASKS
                     or task == "convert" and value_of(cfg, "task.component") != "text_encoder")
     return not (value_of(cfg, "data.video_embed_folder") not in (None, _UNSET) and task == "train"
                 or value_of(cfg, "task.save_latents") is True
-                or task in ("embed_text", "scan_videos", "benchmark")
+                or task in ("embed_text", "scan_videos", "benchmark") + CLIP_TASKS
                 or task == "convert" and value_of(cfg, "task.component") != "vae")
 
 

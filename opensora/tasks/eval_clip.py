@@ -10,7 +10,8 @@ null) or N evenly spaced ones. The CLIP is `clip=` (default ViT-L/14, torchmetri
 A video that cannot be read is counted and listed, never fatal.
 
 Writes <run>/clip_score.csv (the input's columns + clip_score, frames, error) and clip_score.json
-(mean, counts, failures, settings), prints a table, logs eval_clip/* to W&B. Returns the mean.
+(mean, counts, failures, settings), prints a table, logs eval_clip/* to W&B. Returns eval_clip/clip_score
+(the mean) and the counts.
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from opensora.data.frames import FramePixels, evenly_spaced
-from opensora.data.loader import map_ordered, worker_process_setup
+from opensora.data.resumable import RateMeter, map_safely
+from opensora.data.row_task import init_tool_worker
+from opensora.data.table import media_folder, media_paths, read_table, require_columns
 from opensora.eval.clip import build_clip
 from opensora.logger import build_logger
 from opensora.tasks.common import record_run, run_dir
-from opensora.tasks.scoring import RateMeter, SafeCall, read_table, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,17 @@ def read_samples(samples_dir) -> pd.DataFrame:
     return pd.DataFrame({"path": [str(e["video"]) for e in entries], "text": [str(e["prompt"]) for e in entries]})
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
     if task.get("samples_dir") and task.get("csv_path"):
         raise ValueError("task=eval_clip: set task.samples_dir or task.csv_path, not both")
+    path_col, text_col = "path", "text"
     if task.get("samples_dir"):
-        df, path_col, text_col = read_samples(task.samples_dir), "path", "text"
-        folder = Path(task.samples_dir)
+        df, folder = read_samples(task.samples_dir), Path(task.samples_dir)
     elif task.get("csv_path"):
-        df, path_col, text_col = read_table(task.csv_path, "task.csv_path", "eval_clip", need_text=True)
-        folder = Path(task.video_folder) if task.get("video_folder") else Path(task.csv_path).resolve().parent
+        df = read_table(task.csv_path)
+        require_columns(df, [text_col], task.csv_path, "task=eval_clip (the prompt each video is scored against)")
+        folder = media_folder(task.csv_path, task.get("video_folder"))
     else:
         raise ValueError("task=eval_clip needs task.samples_dir (a folder written by task=sample) or task.csv_path "
                          "(a CSV with path,text columns)")
@@ -79,9 +82,9 @@ def run(cfg: DictConfig) -> float:
     text = dict(zip(prompts, clip.text_features(prompts)))
     keys = list(dict.fromkeys(zip(df[path_col], df[text_col])))
     paths = list(dict.fromkeys(k[0] for k in keys))
-    load = SafeCall(FramePixels(clip.processor, num_frames=task.get("num_frames")))
-    stream = map_ordered(load, [(p, (resolve(p, folder),)) for p in paths], int(task.num_workers),
-                         initializer=worker_process_setup)
+    files = dict(zip(df[path_col], media_paths(df, folder)))
+    load = FramePixels(clip.processor, num_frames=task.get("num_frames"))
+    stream = zip(paths, map_safely(load, [files[p] for p in paths], task.num_workers, init_tool_worker))
     by_path = {}
     for p, t in keys:
         by_path.setdefault(p, []).append(t)
@@ -92,8 +95,8 @@ def run(cfg: DictConfig) -> float:
     exit_code = 1
     meter = RateMeter("videos")
     try:
-        for rel, pixels, reason in tqdm(stream, total=len(paths), desc="eval_clip", dynamic_ncols=True):
-            if pixels is None:
+        for rel, (ok, pixels, reason) in tqdm(stream, total=len(paths), desc="eval_clip", dynamic_ncols=True):
+            if not ok:
                 failures[rel] = reason
                 log.warning("eval_clip: cannot score %s: %s (%d failed so far)", rel, reason, len(failures))
                 continue
@@ -133,4 +136,4 @@ def run(cfg: DictConfig) -> float:
         logger.finish(exit_code)
     log.info("eval_clip: %d videos scored, %d failed -> %s", len(frames), len(failures), out / "clip_score.csv")
     log.info("eval_clip: %s", meter.summary())
-    return mean
+    return {"eval_clip/clip_score": mean, "eval_clip/videos": len(frames), "eval_clip/failed": len(failures)}

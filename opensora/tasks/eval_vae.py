@@ -13,13 +13,12 @@ mean over its frames. An unreadable or too short clip is counted and listed, nev
 Writes <run>/eval_vae.csv (the input's columns + psnr, ssim[, lpips], frames, error; failed clips have
 empty metrics and the reason) and eval_vae.json (the means over clips, counts, failures, settings),
 prints a table, and logs eval_vae/* to W&B (means in the summary, the per-clip table). Returns the
-mean PSNR.
+means as eval_vae/psnr, eval_vae/ssim (, eval_vae/lpips) for optimized_metric.
 """
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,11 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from opensora.data.frames import ResizedClip, first_window
-from opensora.data.loader import map_ordered, worker_process_setup
+from opensora.data.resumable import RateMeter, map_safely
+from opensora.data.row_task import init_tool_worker
+from opensora.data.table import media_folder, media_paths, read_table
 from opensora.eval.metrics import SSIM_MIN_SIZE, clip_metrics, summarize
 from opensora.logger import build_logger
 from opensora.tasks.common import record_run, run_dir
-from opensora.tasks.scoring import RateMeter, SafeCall, read_table, resolve
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def _groups(items: list, batch_size: int):
         yield run
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> dict:
     task = cfg.task
-    df, path_col, _ = read_table(task.get("csv_path"), "task.csv_path", "eval_vae")
-    folder = Path(task.video_folder) if task.get("video_folder") else Path(task.csv_path).resolve().parent
+    df = read_table(task.csv_path)
+    folder = media_folder(task.csv_path, task.get("video_folder"))
     image_size = OmegaConf.to_container(task.image_size) if not isinstance(task.image_size, int) else task.image_size
     sizes = [image_size] * 2 if isinstance(image_size, int) else list(image_size)
     if min(sizes) < SSIM_MIN_SIZE:
@@ -82,20 +82,15 @@ def run(cfg: DictConfig) -> float:
         from opensora.eval.lpips import LpipsMetric
 
         lpips = LpipsMetric(lp.get("alexnet_path"), lp.get("heads_path"), int(lp.get("batch_size", 16)))
-    weights = cfg.vae.get("from_pretrained")
-    if weights and not Path(weights).exists():
-        raise FileNotFoundError(f"vae.from_pretrained={weights} does not exist: put the VAE there (e.g. the "
-                                "stabilityai/sd-vae-ft-ema folder: config.json + diffusion_pytorch_model.safetensors) "
-                                "or set vae.from_pretrained")
-    vae = instantiate(cfg.vae)
+    vae = instantiate(cfg.vae)  # a missing vae.from_pretrained was named by the validation pass
     factor = vae.downsample if np.ndim(vae.downsample) == 0 else vae.downsample[-1]
     if any(s % int(factor) for s in sizes):
         raise ValueError(f"task.image_size={image_size} is not divisible by the VAE's downsample factor {factor}")
 
-    paths = list(dict.fromkeys(df[path_col]))
-    loader = SafeCall(ResizedClip(first_window(int(task.num_frames), int(task.frame_interval)), image_size))
-    stream = map_ordered(loader, [(p, (resolve(p, folder),)) for p in paths], int(task.num_workers),
-                         initializer=worker_process_setup)
+    files = dict(zip(df["path"], media_paths(df, folder)))  # the CSV's path -> its file
+    paths = list(files)
+    loader = ResizedClip(first_window(int(task.num_frames), int(task.frame_interval)), image_size)
+    stream = zip(paths, map_safely(loader, [files[p] for p in paths], task.num_workers, init_tool_worker))
     results: dict = {}
     failures: dict = {}
     logger = build_logger(cfg)
@@ -117,8 +112,8 @@ def run(cfg: DictConfig) -> float:
                 bar.update(len(group))
                 meter.update(len(group))
 
-            for rel, video, reason in stream:
-                if video is None:
+            for rel, (ok, video, reason) in stream:
+                if not ok:
                     failures[rel] = reason
                     log.warning("eval_vae: cannot evaluate %s: %s (%d failed so far)", rel, reason, len(failures))
                     bar.update(1)
@@ -134,8 +129,8 @@ def run(cfg: DictConfig) -> float:
         metric_names = ["psnr", "ssim"] + (["lpips"] if lpips is not None else [])
         table = df.copy()
         for name in metric_names + ["frames"]:
-            table[name] = [results[p][name] if p in results else np.nan for p in df[path_col]]
-        table["error"] = [failures.get(p, "") for p in df[path_col]]
+            table[name] = [results[p][name] if p in results else np.nan for p in df["path"]]
+        table["error"] = [failures.get(p, "") for p in df["path"]]
         table.to_csv(out / "eval_vae.csv", index=False)
         summary = summarize([{k: v for k, v in results[p].items() if k in metric_names} for p in results])
         means = {k: summary.get(k, float("nan")) for k in metric_names}
@@ -146,9 +141,9 @@ def run(cfg: DictConfig) -> float:
                   "data_range": "frames in [0, 1]",
                   "ssim_settings": "Gaussian window sigma 1.5, population covariance (Wang et al.)"}
         (out / "eval_vae.json").write_text(json.dumps(report, indent=1, default=str))
-        _print_table(table, path_col, metric_names, means, len(failures))
+        _print_table(table, "path", metric_names, means, len(failures))
         logger.log({f"eval_vae/{k}": v for k, v in means.items()})
-        logger.log_table("eval_vae/clips", table[[path_col] + metric_names + ["frames", "error"]])
+        logger.log_table("eval_vae/clips", table[["path"] + metric_names + ["frames", "error"]])
         logger.summary({**{f"eval_vae/{k}": v for k, v in means.items()}, "eval_vae/num_clips": len(results),
                         "eval_vae/num_failed": len(failures)})
         exit_code = 0
@@ -156,7 +151,8 @@ def run(cfg: DictConfig) -> float:
         logger.finish(exit_code)
     log.info("eval_vae: %d clips evaluated, %d failed -> %s", len(results), len(failures), out / "eval_vae.csv")
     log.info("eval_vae: %s", meter.summary())
-    return float(means["psnr"])
+    return {f"eval_vae/{k}": v for k, v in means.items()} | {"eval_vae/clips": len(results),
+                                                            "eval_vae/failed": len(failures)}
 
 
 def _print_table(table: pd.DataFrame, path_col: str, metrics: list, means: dict, failed: int, limit: int = 20) -> None:

@@ -1,4 +1,6 @@
-"""Tiny random CLIP folders for tests, written like Hugging Face's (save_pretrained of transformers'
+"""What the evaluation tests share: tiny random CLIP folders, and a PyTorch LPIPS reference.
+
+CLIP folders are written like Hugging Face's (save_pretrained of transformers'
 CLIPModel, CLIPTokenizerFast and CLIPImageProcessor) on a vocabulary built in the folder:
 the 256 byte symbols, their "</w>" forms, 40 merges learned by the `tokenizers` BPE trainer on a few
 captions, and the two special tokens. Every parameter (LayerNorm affines and biases too) is perturbed
@@ -95,3 +97,62 @@ def tiny_clip(tmp_path_factory, layout: str, seed: int = 0):
     write_vocab(tok)
     folder = tmp_path_factory.mktemp(f"clip_{layout}")
     return make_clip_folder(folder, layout, tok, seed=seed), folder
+
+
+# ================================================================
+# LPIPS reference in PyTorch, written from the lpips package's code (lpips/lpips.py: ScalingLayer,
+# normalize_tensor, NetLinLayer, spatial_average; pretrained_networks.alexnet: torchvision's AlexNet.features
+# cut after relu1..relu5). The package itself needs torchvision, which is not installed.
+# ================================================================
+
+
+def torch_alexnet_features():
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2),
+                         nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(3, 2))
+
+
+def torch_lpips(features, heads, x0, x1):
+    """lpips.LPIPS(net='alex', version='0.1', spatial=False).forward(x0, x1) for inputs in [-1, 1]."""
+    import torch
+
+    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
+    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
+    slices = [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)]
+
+    def feats(x):
+        h, outs = (x - shift) / scale, []
+        for a, b in slices:
+            for i in range(a, b):
+                h = features[i](h)
+            outs.append(h)
+        return outs
+
+    def norm(t):
+        return t / (torch.sqrt(torch.sum(t ** 2, dim=1, keepdim=True)) + 1e-10)
+
+    val = 0
+    for k, (a, b) in enumerate(zip(feats(x0), feats(x1))):
+        diff = (norm(a) - norm(b)) ** 2
+        val = val + torch.nn.functional.conv2d(diff, heads[f"lin{k}.model.1.weight"]).mean([2, 3], keepdim=True)
+    return val.flatten()
+
+
+def lpips_files(folder: Path, seed: int = 0, head_scale: float = 1.0):
+    """(features module, heads dict, alexnet.pth, alex.pth): random AlexNet features saved as torchvision names
+    them (with a classifier tensor, which is not used) and random LPIPS heads."""
+    import torch
+
+    from opensora.eval.lpips import CHANNELS
+
+    torch.manual_seed(seed)
+    features = torch_alexnet_features().eval()
+    sd = {f"features.{k}": v for k, v in features.state_dict().items()}
+    sd["classifier.1.weight"] = torch.randn(8, 4)
+    torch.save(sd, folder / "alexnet.pth")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) * head_scale for k, c in enumerate(CHANNELS)}
+    torch.save(heads, folder / "alex.pth")
+    return features, heads, folder / "alexnet.pth", folder / "alex.pth"
