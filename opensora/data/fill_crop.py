@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from opensora.data.video import _linear_taps, as_size
+from opensora.data.aspect import as_size
+from opensora.data.video import _linear_taps
 
 
 def fill_geometry(height: int, width: int, size) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from opensora.data.cache import text_cache_settings
-from opensora.data.video import as_size
+from opensora.data.aspect import as_size
 from opensora.logger import build_logger
 from opensora.sampling.loop import loop_video_length
 from opensora.sampling.prompts import split_prompt_options
