@@ -178,6 +178,29 @@ def test_fill_crop_image_is_pil_bicubic_with_rounded_offsets():
     assert fill_geometry(30, 54, (24, 40))[1:] == ((0, 1), (0, 2))  # 43 - 40 = 3: floor(1.5) vs round(1.5)
 
 
+def test_sd_vae_encodes_sizes_its_factor_does_not_divide_as_diffusers(tmp_path):
+    """240 x 426 references: diffusers' AutoencoderKL takes any size (each downsampling pads one row / column and
+    halves with floor); VideoAutoencoderKL(strict_size=False) gives the same latents (fp32: ~1e-6 of their scale),
+    and by default still refuses such sizes."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from opensora.vae import VideoAutoencoderKL
+
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[8, 16, 16], layers_per_block=1,
+                                  norm_num_groups=4, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 3,
+                                  up_block_types=["UpDecoderBlock2D"] * 3).eval()
+    ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 2, 30, 53)).astype(np.float32)  # factor 4: 7 x 13
+    with torch.no_grad():
+        want = ref.encode(torch.from_numpy(x[:, :, 0])).latent_dist.mean.numpy()
+    vae = VideoAutoencoderKL(from_pretrained=str(tmp_path / "vae"))
+    got = vae.latent_dist(x, strict_size=False).mean
+    assert got.shape == (1, 4, 2, 7, 13) and np.abs(got[:, :, 0] - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+    with pytest.raises(ValueError, match="not divisible"):
+        vae.encode(x)
+
+
 def test_references_read_only_their_frames_and_errors_name_the_file(assets):
     from opensora.sampling.conditioning import MaskStrategyError, parse_mask_strategy
     from opensora.sampling.references import ReferenceError, encode_references, read_references
@@ -481,8 +504,19 @@ def test_cli_prompt_named_generation_resumes_after_a_kill(assets, tmp_path):
     assert all((part / n).stat().st_mtime_ns == s for n, s in stamps.items())  # not made again
     for n in names:
         np.testing.assert_array_equal(read_video(part / n), read_video(tmp_path / "whole" / n), err_msg=n)
-    nothing = run_cli([*args, f"task.save_dir={part}", f"hydra.run.dir={tmp_path / 'r3'}"], tmp_path)
-    assert "nothing to sample" in nothing.stdout + nothing.stderr
+
+
+def test_prompt_named_outputs_skip_existing_files_and_repeated_prompts(tmp_path):
+    from opensora.tasks.sample import missing_outputs, plan_outputs
+
+    outs = plan_outputs(3, 2, ["a dog", "a cat", "a dog"])  # prompt 2 repeats prompt 0: made once
+    assert [(o.index, o.prompt, o.k, o.name) for o in outs] == [(0, 0, 0, "a dog-0"), (1, 0, 1, "a dog-1"),
+                                                                (2, 1, 0, "a cat-0"), (3, 1, 1, "a cat-1")]
+    (tmp_path / "a dog-1.mp4").write_bytes(b"x")
+    (tmp_path / "a cat-0.png").write_bytes(b"x")  # another suffix: not this run's file
+    assert [o.name for o in missing_outputs(outs, tmp_path, ".mp4")] == ["a dog-0", "a cat-0", "a cat-1"]
+    assert [o.index for o in plan_outputs(2, 2)] == [0, 1, 2, 3] and missing_outputs(plan_outputs(1, 1), tmp_path,
+                                                                                       ".mp4")
 
 
 @pytest.mark.slow
@@ -496,3 +530,17 @@ def test_cli_bad_input_is_refused_before_any_model_is_built(assets, tmp_path):
                 check=False)
     assert proc.returncode != 0 and "model opensora.model.STDiT2" not in proc.stdout + proc.stderr
     assert f"reference 0 of prompt 0 ({assets}/corrupt.mp4): cannot be read as a video" in proc.stdout + proc.stderr
+
+
+def test_the_shipped_vbench_prompt_list_names_its_videos():
+    """assets/texts/vbench/all_dimension.txt: 946 prompts, every one a valid file name with '-<k>.mp4', 2 repeated:
+    944 x 5 videos in VBench's layout."""
+    from opensora.sampling.request import prompt_name
+    from opensora.tasks.sample import plan_outputs
+
+    folder = CONF.parent / "assets" / "texts" / "vbench"
+    prompts = [ln.strip() for ln in (folder / "all_dimension.txt").read_text().splitlines() if ln.strip()]
+    assert len(prompts) == 946 and (folder / "LICENSE").read_text().lstrip().startswith("Apache License")
+    names = [prompt_name(p, i) for i, p in enumerate(prompts)]
+    outs = plan_outputs(len(prompts), 5, names)
+    assert len(outs) == 944 * 5 and outs[0].name == f"{prompts[0]}-0" and outs[4].name == f"{prompts[0]}-4"
