@@ -99,7 +99,8 @@ def test_named_sizes_floor_latents_and_the_recipe(tmp_path):
     assert cfg.task.ckpt_path == cfg.model.pretrained and cfg.model.input_sq_size == 512
     assert (cfg.data.fps, cfg.data.frame_interval, cfg.task.fps) == (24, 3, 8)  # saved at fps // frame_interval
     assert (cfg.text_encoder.model_max_length, cfg.model.model_max_length) == (200, 200)
-    assert cfg.text_encoder.from_pretrained == "/weights/t5-v1_1-xxl" and cfg.vae.from_pretrained == "/weights/sd-vae-ft-ema"
+    assert cfg.text_encoder.from_pretrained == "/weights/t5-v1_1-xxl"
+    assert cfg.vae.from_pretrained == "/weights/sd-vae-ft-ema"
     s = cfg.scheduler
     assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.clip_denoised, s.exact_conditioning) == \
         (100, 7.0, 3, False, False)
@@ -262,7 +263,7 @@ def test_bad_requests_are_refused_naming_prompt_and_field(assets, tmp_path, extr
 
 
 def test_a_good_request_validates_and_stdit_refuses_conditioning(assets, tmp_path):
-    from opensora.config import validate
+    from opensora.config import ConfigError, validate
     from opensora.tasks.sample import refuse_conditioning
 
     good = ["task=sample", *tiny_args(assets), "data.num_frames=4", "data.image_size=[24,40]", "task.prompts=[a,b]",
@@ -273,6 +274,10 @@ def test_a_good_request_validates_and_stdit_refuses_conditioning(assets, tmp_pat
     cfg = compose_cfg(["experiment=sample_16x256x256", "task.mask_strategy=0", "task.loop=2"], tmp_path)
     with pytest.raises(ValueError, match="task.mask_strategy, task.loop: conditioning and loop generation are Open-"):
         refuse_conditioning(cfg)
+    # STDiT 1.0 names videos after prompts too: the recipe's long prompts cannot be file names
+    cfg = compose_cfg(["experiment=sample_16x256x256", "task.name_by_prompt=true"], tmp_path)
+    with pytest.raises(ConfigError, match=r"task.name_by_prompt: prompt 0 is \d+ bytes, too long for a file name"):
+        validate(cfg)
 
 
 # ================================================================
@@ -375,20 +380,24 @@ def test_image_to_video_keeps_the_reference_frame(model, exact):
 
 
 def test_loops_continue_the_previous_clip_in_latent_space(model):
-    """3 loops of 3 frames sharing 1: 7 frames; with exact conditioning and the sampled latents as the condition
-    (loop_reencode=false) each clip starts exactly with the previous clip's last frame, held once in the video."""
+    """2 loops of 3 frames sharing 1: 5 frames; with exact conditioning and the sampled latents as the condition
+    (loop_reencode=false) clip 1 starts exactly with clip 0's last frame, held once in the video; per-loop texts."""
     from opensora.sampling.generation import ClipSpec, sample_batches
     from opensora.scheduler import IDDPM
 
     spec = ClipSpec(3, 24, 40, (3, 3, 24, 40), 24.0)
-    out = next(sample_batches(model, TextStub(), IDDPM(num_sampling_steps=3, exact_conditioning=True),
-                              _items(["|0|a dog runs|2|a sunset over the sea"], [None], [[]], loop=3), spec, 1, 0,
-                              loop=3, condition_frame_length=1, reencode=False, progress=False))
-    assert out.latents.shape == (1, 3, 3 * (3 - 1) + 1, 24, 40) and len(out.clips) == 3
-    assert [m[0].tolist() for m in out.masks] == [[1, 1, 1], [0, 1, 1], [0, 1, 1]]
-    for k in (1, 2):
-        np.testing.assert_array_equal(out.clips[k][:, :, 0], out.clips[k - 1][:, :, -1])
-        np.testing.assert_array_equal(out.latents[:, :, 2 * k], out.clips[k - 1][:, :, -1])
+    text = TextStub()
+    seen = []
+    text.encode = lambda texts, enc=text.encode: seen.append(list(texts)) or enc(texts)
+    out = next(sample_batches(model, text, IDDPM(num_sampling_steps=3, exact_conditioning=True),
+                              _items(["|0|a dog runs|1|a sunset over the sea"], [None], [[]], loop=2), spec, 1, 0,
+                              loop=2, condition_frame_length=1, reencode=False, progress=False))
+    assert out.latents.shape == (1, 3, 2 * (3 - 1) + 1, 24, 40) and len(out.clips) == 2
+    assert seen == [["a dog runs"], ["a sunset over the sea"]]
+    assert [m[0].tolist() for m in out.masks] == [[1, 1, 1], [0, 1, 1]]
+    np.testing.assert_array_equal(out.clips[1][:, :, 0], out.clips[0][:, :, -1])
+    np.testing.assert_array_equal(out.latents[:, :, :3], out.clips[0])
+    np.testing.assert_array_equal(out.latents[:, :, 3:], out.clips[1][:, :, 1:])
     assert np.abs(out.clips[1][:, :, 1:] - out.clips[0][:, :, 1:]).mean() > 0.1  # new frames, not copies
 
 

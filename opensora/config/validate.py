@@ -377,16 +377,22 @@ def _sample_request(cfg) -> list[str]:
     if value_of(cfg, "task.name_by_prompt") is True and value_of(cfg, "task.save_latents") is True:
         problems.append("task.name_by_prompt=true names the decoded videos, but task.save_latents=true does not decode "
                         "them: drop one (task=decode numbers the videos it decodes)")
-    from opensora.sampling.request import is_stdit2, request_problems
+    from opensora.sampling.request import is_stdit2, prompt_name, request_problems
 
-    if not is_stdit2(value_of(cfg, "model._target_")):
-        return problems  # STDiT 1.0 takes none of these; the task refuses them naming the keys
     prompts = value_of(cfg, "task.prompts")
     prompts = [str(p) for p in prompts] if isinstance(prompts, list) else []
     path = value_of(cfg, "task.prompt_file")
     if isinstance(path, str) and Path(path).is_file():
         prompts += [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
     prompts = [p for p in prompts if p.strip()]
+    if not is_stdit2(value_of(cfg, "model._target_")):  # STDiT 1.0: no prompt options; the task refuses
+        if value_of(cfg, "task.name_by_prompt") is True:  # conditioning settings, naming the keys
+            for i, p in enumerate(prompts):
+                try:
+                    prompt_name(p, i)
+                except ValueError as e:
+                    problems.append(str(e))
+        return problems
     if not prompts:  # none given (cached captions, or the "no prompts" problem of _sample_source)
         return problems
     size = value_of(cfg, "model.input_size")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from opensora.data.aspect import as_size
-from opensora.data.video import _linear_taps
+from opensora.data.video import _linear_taps, bilinear_crop
 
 
 def fill_geometry(height: int, width: int, size) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -42,15 +42,7 @@ def fill_crop_video(frames: np.ndarray, size) -> np.ndarray:
     _, h, w, _ = frames.shape
     th, tw = as_size(size)
     (sh, sw), (top, left), _ = fill_geometry(h, w, (th, tw))
-    r0, r1, a0, a1 = _linear_taps(h, sh / h, top, th)
-    c0, c1, b0, b1 = _linear_taps(w, sw / w, left, tw)
-    x = np.multiply(frames[:, r0], a0[None, :, None, None], dtype=np.float32)  # rows: [T, th, W, 3]
-    x += np.multiply(frames[:, r1], a1[None, :, None, None], dtype=np.float32)
-    y = np.multiply(x[:, :, c0], b0[None, None, :, None])  # columns: [T, th, tw, 3]
-    y += np.multiply(x[:, :, c1], b1[None, None, :, None])
-    y *= np.float32(2.0 / 255.0)
-    y -= np.float32(1.0)
-    return y
+    return bilinear_crop(frames, _linear_taps(h, sh / h, top, th), _linear_taps(w, sw / w, left, tw))
 
 
 def fill_crop_image(image, size) -> np.ndarray:
