@@ -213,6 +213,15 @@ class SampleTask:
     fps: int = rule(8, ge=1)
     upscale: int = rule(1, ge=1)
     evaluate: bool = False
+    # Open-Sora 1.1 (STDiT2) conditioning and loop generation (opensora/sampling/): per prompt, or one for all
+    reference_path: Any = None
+    mask_strategy: Any = None
+    loop: int = rule(1, ge=1)
+    condition_frame_length: int = rule(4, ge=1)
+    loop_reencode: bool = True
+    # Videos named after their prompts (<prompt>-<k>.mp4, VBench's layout) in save_dir; existing ones are skipped
+    name_by_prompt: bool = False
+    save_dir: Optional[str] = rule(None, path="parent")
 
 
 @dataclass

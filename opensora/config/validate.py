@@ -213,8 +213,8 @@ def _variance(cfg) -> list[str]:
 @check
 def _patches(cfg) -> list[str]:
     """The latent video must split into whole patches (a tubelet model on other data is the usual cause)."""
-    if not builds(cfg, "model"):
-        return []
+    if not builds(cfg, "model") or str(value_of(cfg, "model._target_")).endswith("STDiT2"):
+        return []  # STDiT2 pads its input to the patch size
     size, patch = value_of(cfg, "model.input_size"), value_of(cfg, "model.patch_size")
     if not (isinstance(size, list) and isinstance(patch, list) and len(size) == len(patch) == 3):
         return []
@@ -390,6 +390,45 @@ def _tracking(cfg) -> list[str]:
         return []
     return [f"logger.mode=online but {problem}: use logger.mode=offline (upload later with `wandb sync "
             "<run>/wandb/offline-run-*`), logger=none, or logger.if_unreachable=offline to fall back to offline"]
+
+
+@check
+def _sample_request(cfg) -> list[str]:
+    """Open-Sora 1.1 sampling (an STDiT2 model): prompt options, mask strategies against the clip and the reference
+    files, loop settings and prompt file names, checked before any model is built (opensora/sampling/request.py)."""
+    if task_name(cfg) != "sample":
+        return []
+    problems = []
+    if value_of(cfg, "task.name_by_prompt") is True and value_of(cfg, "task.save_latents") is True:
+        problems.append("task.name_by_prompt=true names the decoded videos, but task.save_latents=true does not decode "
+                        "them: drop one (task=decode numbers the videos it decodes)")
+    from opensora.sampling.request import is_stdit2, prompt_name, request_problems
+
+    prompts = value_of(cfg, "task.prompts")
+    prompts = [str(p) for p in prompts] if isinstance(prompts, list) else []
+    path = value_of(cfg, "task.prompt_file")
+    if isinstance(path, str) and Path(path).is_file():
+        prompts += [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not is_stdit2(value_of(cfg, "model._target_")):  # STDiT 1.0: no prompt options; the task refuses
+        if value_of(cfg, "task.name_by_prompt") is True:  # conditioning settings, naming the keys
+            for i, p in enumerate(prompts):
+                try:
+                    prompt_name(p, i)
+                except ValueError as e:
+                    problems.append(str(e))
+        return problems
+    if not prompts:  # none given (cached captions, or the "no prompts" problem of _sample_source)
+        return problems
+    size = value_of(cfg, "model.input_size")
+    clip_frames = size[0] if isinstance(size, list) and size and isinstance(size[0], int) else None
+    loop, cfl = value_of(cfg, "task.loop"), value_of(cfg, "task.condition_frame_length")
+    if not (isinstance(loop, int) and isinstance(cfl, int)):
+        return problems
+    refs, strategies = value_of(cfg, "task.reference_path"), value_of(cfg, "task.mask_strategy")
+    return problems + request_problems(prompts, loop, cfl, None if refs is _UNSET else refs,
+                                       None if strategies is _UNSET else strategies, clip_frames,
+                                       value_of(cfg, "task.name_by_prompt") is True)
 
 
 @check

@@ -148,8 +148,14 @@ def resize_crop(frames: np.ndarray, size) -> np.ndarray:
     th, tw = as_size(size)
     geo = resize_crop_geometry(h, w, (th, tw))
     top, left = geo["offset"]
-    r0, r1, a0, a1 = _linear_taps(h, geo["scale"], top, th)
-    c0, c1, b0, b1 = _linear_taps(w, geo["scale"], left, tw)
+    return bilinear_crop(frames, _linear_taps(h, geo["scale"], top, th), _linear_taps(w, geo["scale"], left, tw))
+
+
+def bilinear_crop(frames: np.ndarray, rows, cols) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] -> float32 [T, h, w, 3] in [-1, 1] ((x / 255 - 0.5) / 0.5): the separable bilinear
+    resample with the (i0, i1, w0, w1) taps of `_linear_taps` for the output rows and columns. Only the source
+    window the taps read is touched."""
+    (r0, r1, a0, a1), (c0, c1, b0, b1) = rows, cols
     rlo, clo = int(r0.min()), int(c0.min())
     src = frames[:, rlo:int(r1.max()) + 1, clo:int(c1.max()) + 1]  # the window the crop reads
     r0, r1, c0, c1 = r0 - rlo, r1 - rlo, c0 - clo, c1 - clo
