@@ -1,6 +1,6 @@
 """CLIP in MindSpore against transformers' CLIPModel, CLIPTokenizer(Fast) and CLIPImageProcessor.
 
-Two tiny random CLIPModels saved with save_pretrained stand for the two layouts (tests/eval_helpers.py:
+Two tiny random CLIPModels saved with save_pretrained stand for the two layouts (tests/helpers.py:
 ViT-B/32-like with quick_gelu and legacy argmax pooling in safetensors, ViT-L/14-like with gelu and
 first-EOS pooling in pytorch_model.bin), their tokenizer vocabulary built in tmp_path.
 Tolerance: max |ours - transformers| <= 1e-5 * max |transformers| for float32 (measured ~1e-6).
@@ -16,7 +16,7 @@ import mindspore as ms
 
 from opensora.eval.clip import CLIP, CLIPConfig, CLIPModel, check_folder, eos_positions, load_clip_weights
 from opensora.eval.clip_processing import BOS, EOS, CLIPImageProcessor, CLIPTokenizer
-from eval_helpers import LAYOUTS, MAX_LEN, make_clip_folder, write_vocab
+from helpers import LAYOUTS, MAX_LEN, make_clip_folder, write_vocab
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

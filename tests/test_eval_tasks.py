@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval_helpers import lpips_files, tiny_clip
-from helpers import compose_cfg, grey_clip, run_cli, write_mp4
+from helpers import compose_cfg, grey_clip, lpips_files, run_cli, tiny_clip, write_mp4
 from opensora.config import ConfigError, validate
 
 torch = pytest.importorskip("torch")

@@ -1,5 +1,5 @@
 """LPIPS (AlexNet) in MindSpore against a PyTorch reference written from the lpips package's code
-(tests/eval_helpers.py), with random weights saved as torchvision / LPIPS state dicts in tmp_path.
+(tests/helpers.py), with random weights saved as torchvision / LPIPS state dicts in tmp_path.
 
 Tolerance: |ours - torch| <= 1e-5 * max |torch| (float32; measured ~1e-7).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval_helpers import lpips_files, torch_lpips
+from helpers import lpips_files, torch_lpips
 from opensora.eval.lpips import LpipsMetric, load_lpips
 
 torch = pytest.importorskip("torch")

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval_helpers import tiny_clip
-from helpers import compose_cfg, frame_ids, grey_clip, still_image, write_mp4
+from helpers import compose_cfg, frame_ids, grey_clip, still_image, tiny_clip, write_mp4
 from opensora.config import ConfigError, validate
 from opensora.data.frames import at_points, evenly_spaced, first_window, read_frames_at
 from opensora.data.loader import BadSampleError
