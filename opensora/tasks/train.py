@@ -114,9 +114,10 @@ class TrainStep(nn.Cell):
         return {"loss_scale": self.loss_scale, "loss_scale_good_steps": self.good_steps,
                 "skipped_steps": self.skipped_steps}
 
-    def apply(self, grads):
-        if self.grad_clip > 0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip)  # norm of the full gradient
+    def apply(self, grads, grad_norm):
+        if self.grad_clip > 0:  # clip by the global norm of the full gradient (ops.clip_by_global_norm's maths)
+            factor = self.grad_clip / ops.maximum(grad_norm, self.grad_clip)
+            grads = tuple(g * ops.broadcast_to(factor, g.shape) for g in grads)  # explicit broadcast: see layers
         if self.sharded:
             grads = tuple([grads[i] for i in self.own])
         self.optimizer(grads)
@@ -137,13 +138,14 @@ class TrainStep(nn.Cell):
             grads = self.reducer(grads)  # mean over ranks
             loss = self.allreduce(loss) / self.world
         if self.scaling:
-            grads = tuple(g / scale for g in grads)
+            inv_scale = 1.0 / scale  # exact: the scale is a power of two unless set otherwise
+            grads = tuple(g * ops.broadcast_to(inv_scale, g.shape) for g in grads)
         grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
         finite = self.true
         if self.scaling:
             finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
             if finite:
-                self.apply(grads)
+                self.apply(grads, grad_norm)
             else:
                 ops.assign_add(self.skipped_steps, ms.Tensor(1, ms.int32))
             if self.dynamic:
@@ -154,7 +156,7 @@ class TrainStep(nn.Cell):
                 ops.assign(self.loss_scale, new_scale)
                 ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
         else:
-            self.apply(grads)
+            self.apply(grads, grad_norm)
         if self.sharded:  # after skipped steps too: then it rewrites unchanged values
             self.share()
         return loss, grad_norm, finite, scale
