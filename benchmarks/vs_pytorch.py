@@ -36,7 +36,11 @@ What runs where:
   2. check: on the same weights and inputs both sides must give the same CFG-batch output and the
      same first-step loss and gradient norm (caption dropout off for that step), else the script stops.
   3. timing: both models live in this one process and their steps alternate (torch, ours, torch,
-     ours, ...), so both see the same machine load; medians of `--steps` steps after `--warmup`.
+     ours, ..., each after a `--gap` pause), so both see the same machine load; medians of `--steps`
+     steps after `--warmup`. On a machine shared with other jobs the ratios still move: torch's
+     OpenMP threads slow down far more than MindSpore's when a core is taken (measured here at load
+     average 8-10: torch 11.9 s per train step, against 0.80 s quiet in issue #13), so quote the load
+     average the script prints with its table.
   4. memory and compile: each side once more in its own fresh process (peak RSS is per process, so
      this is the only honest per-side figure), which runs the same steps and reports ru_maxrss and its
      first (for ours: compiling) train and sample steps.
@@ -388,7 +392,7 @@ class TorchSide:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.update_ema(self.ema, self.model, decay=0.9999, sharded=False)
-        return float(loss), float(grad_norm)
+        return float(loss.detach()), float(grad_norm)
 
     def sample_step(self):
         self.model.eval()
@@ -521,10 +525,14 @@ def check_same_maths(sides, a) -> dict:
     return res
 
 
-def alternate(sides, fn_name: str, n: int, warmup: int) -> dict:
+def alternate(sides, fn_name: str, n: int, warmup: int, gap: float) -> dict:
+    """Steps of both sides in turn; `gap` seconds of sleep before each, so neither side's idle worker
+    threads, which spin for a while after their work (measured: a torch matmul right after a MindSpore
+    one ran at 40% speed for up to ~1 s), run into the other's timing."""
     times = {s.name: [] for s in sides}
     for i in range(warmup + n):
         for s in sides:
+            time.sleep(gap)
             t = _time(getattr(s, fn_name))
             if i >= warmup:
                 times[s.name].append(t)
@@ -573,8 +581,8 @@ def report(a, res: dict) -> str:
     lines = [f"STDiT depth {a.depth}, hidden {a.hidden}, {a.heads} heads, patch (1,2,2), latent "
              f"[{a.batch}, {a.channels}, {a.frames}, {a.size}, {a.size}] "
              f"({a.frames * (a.size // 2) ** 2} tokens), text {a.text_len} x {a.caption_channels} "
-             f"({a.valid_tokens} valid), fp32, {a.threads} threads each; load average before/after: "
-             f"{res['load_before']} / {res['load_after']}",
+             f"({a.valid_tokens} valid), fp32, {a.threads} threads each; ours with overrides "
+             f"{list(a.override) or 'none'}; load average before/after: {res['load_before']} / {res['load_after']}",
              "| measure | PyTorch original | ours | ours / original |", "|---|---|---|---|"]
 
     def row(name, t, o, fmt="{:.3f} s"):
@@ -605,6 +613,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gap", type=float, default=1.0, help="seconds of sleep before each timed step")
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--heads", type=int, default=6)
@@ -640,8 +649,8 @@ def main() -> int:
             print("alone: " + json.dumps(res["alone"]), flush=True)
     sides = [TorchSide(a, weights, inp), OursSide(a, weights, inp)]
     res["check"] = check_same_maths(sides, a)
-    tr = alternate(sides, "train_step", a.steps, a.warmup)
-    sa = alternate(sides, "sample_step", a.steps, a.warmup)
+    tr = alternate(sides, "train_step", a.steps, a.warmup, a.gap)
+    sa = alternate(sides, "sample_step", a.steps, a.warmup, a.gap)
     res["train_all"], res["sample_all"] = tr, sa
     res["train"] = {k: statistics.median(v) for k, v in tr.items()}
     res["sample"] = {k: statistics.median(v) for k, v in sa.items()}

@@ -223,6 +223,7 @@ def build_train_step(cfg: DictConfig, model: nn.Cell, diffusion):
                         grad_reducer=None if share is not None else grad_reducer(optimizer.parameters),
                         world_size=par.world_size, share=share)
     step_fn.set_train(True)
+    model.set_train(True)  # the model is reached only through grad_fn, which set_train does not walk
     step_fn.zero_state = zero_state
     return step_fn, optimizer, model_params, ema
 
