@@ -19,10 +19,13 @@ from .layers import (
     Linear,
     Mlp,
     attention,
+    bcast,
     flash_attention_available,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
+    merge_heads,
     scaled_dot_product_attention,
+    split_heads,
     t2i_modulate,
 )
 
@@ -125,7 +128,7 @@ class CaptionEmbedder(nn.Cell):
         else:
             drop = force_drop_ids == 1  # [B] bool
         null = ops.cast(self.y_embedding, caption.dtype)  # [L, C]
-        return ops.where(drop.reshape(B, 1, 1, 1), null, caption)
+        return ops.where(bcast(drop.reshape(B, 1, 1, 1), caption), bcast(null, caption), caption)
 
     def construct(self, caption, train, force_drop_ids=None):
         # caption [B, 1, L, C]
@@ -164,16 +167,14 @@ class Attention(nn.Cell):
         self.use_flash = flash_attention_available(enable_flashattn)
 
     def _heads(self, x):
-        B, N, _ = x.shape
-        return x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, N, C] -> [B, H, N, D]
+        return split_heads(x, self.num_heads)  # [B, N, C] -> [B, H, N, D]
 
     def construct(self, x):
-        B, N, C = x.shape
-        q, k, v = ops.split(self.qkv(x), C, axis=-1)  # 3 x [B, N, C]
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, H, N, D]
+        H = self.num_heads
+        heads = ops.split(self.qkv(x), self.head_dim, axis=-1)  # [B, N, 3C] -> 3H x [B, N, D]
+        q, k, v = ops.stack(heads[:H], axis=1), ops.stack(heads[H:2 * H], axis=1), ops.stack(heads[2 * H:], axis=1)
         x = attention(q, k, v, self.scale, self.use_flash)  # [B, H, N, D]
-        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
-        return self.proj(x)
+        return self.proj(merge_heads(x))  # [B, N, C]
 
 
 class MultiHeadCrossAttention(nn.Cell):
@@ -194,23 +195,31 @@ class MultiHeadCrossAttention(nn.Cell):
         self.proj = Linear(d_model, d_model)
 
     def _heads(self, x):
-        B, N, _ = x.shape
-        return x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, N, C] -> [B, H, N, D]
+        return split_heads(x, self.num_heads)  # [B, N, C] -> [B, H, N, D]
 
     def construct(self, x, cond, mask=None):
         # x [B, N, C]; cond [B, L, C]; mask [B, L] (1 = valid) or None
-        B, N, C = x.shape
+        H = self.num_heads
         q = self._heads(self.q_linear(x))  # [B, H, N, D]
-        k, v = ops.split(self.kv_linear(cond), C, axis=-1)  # 2 x [B, L, C]
-        k, v = self._heads(k), self._heads(v)  # [B, H, L, D]
+        heads = ops.split(self.kv_linear(cond), self.head_dim, axis=-1)  # [B, L, 2C] -> 2H x [B, L, D]
+        k, v = ops.stack(heads[:H], axis=1), ops.stack(heads[H:], axis=1)  # [B, H, L, D]
         x = scaled_dot_product_attention(q, k, v, self.scale, mask)  # [B, H, N, D]
-        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
-        return self.proj(x)
+        return self.proj(merge_heads(x))  # [B, N, C]
 
 
 # ================================================================
 # Blocks
 # ================================================================
+
+
+def frames_last(x):
+    """[B, T, S, C] -> [B, S, T, C] (unstack + stack instead of a transpose; see layers' memory note)."""
+    return ops.stack(ops.unstack(x, axis=1), axis=2)
+
+
+def frames_first(x):
+    """[B, S, T, C] -> [B, T, S, C], the inverse of `frames_last`."""
+    return ops.stack(ops.unstack(x, axis=2), axis=1)
 
 
 class STDiTBlock(nn.Cell):
@@ -240,6 +249,8 @@ class STDiTBlock(nn.Cell):
         mod = ops.cast(self.scale_shift_table, x.dtype)[None] + t0.reshape(B, 6, C)  # [B, 6, C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)  # 6 x [B, 1, C]
 
+        gate_msa, gate_mlp = bcast(gate_msa, x), bcast(gate_mlp, x)  # [B, 1, C] -> [B, N, C]
+
         # spatial branch: attention within each frame
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
         x_s = x_m.reshape(B * T, S, C)  # [B, T*S, C] -> [B*T, S, C]
@@ -248,11 +259,11 @@ class STDiTBlock(nn.Cell):
         x = x + gate_msa * x_s
 
         # temporal branch: attention over frames at each spatial position (raw residual, no norm)
-        x_t = x.reshape(B, T, S, C).transpose(0, 2, 1, 3).reshape(B * S, T, C)  # [B, T*S, C] -> [B*S, T, C]
+        x_t = frames_last(x.reshape(B, T, S, C)).reshape(B * S, T, C)  # [B, T*S, C] -> [B*S, T, C]
         if tpe is not None:
-            x_t = ops.cast(ops.cast(x_t, ms.float32) + tpe, x_t.dtype)  # position embedding added in fp32
+            x_t = ops.cast(ops.cast(x_t, ms.float32) + bcast(tpe, x_t), x_t.dtype)  # position embedding in fp32
         x_t = self.attn_temp(x_t)
-        x_t = x_t.reshape(B, S, T, C).transpose(0, 2, 1, 3).reshape(B, N, C)  # [B*S, T, C] -> [B, T*S, C]
+        x_t = frames_first(x_t.reshape(B, S, T, C)).reshape(B, N, C)  # [B*S, T, C] -> [B, T*S, C]
         x = x + gate_msa * x_t
 
         # cross attention to the caption
@@ -391,7 +402,8 @@ class STDiT(nn.Cell):
         # embedding
         x = self.x_embedder(x)  # [B, C_in, T, H, W] -> [B, T*S, C]
         x = x.reshape(B, T, self.num_spatial, self.hidden_size)  # [B, T, S, C]
-        x = ops.cast(ops.cast(x, ms.float32) + self.pos_embed, self.dtype)  # position embedding added in fp32
+        x = ops.cast(x, ms.float32)
+        x = ops.cast(x + bcast(self.pos_embed, x), self.dtype)  # position embedding added in fp32
         x = x.reshape(B, T * self.num_spatial, self.hidden_size)  # [B, T*S, C]
 
         t = self.t_embedder(timestep)  # [B, C], fp32

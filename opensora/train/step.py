@@ -96,9 +96,10 @@ class TrainStep(nn.Cell):
             state["loss_scale_good_steps"] = self.scaler.counter
         return state
 
-    def apply(self, grads):
-        if self.grad_clip > 0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip)  # norm of the full gradient
+    def apply(self, grads, grad_norm):
+        if self.grad_clip > 0:  # by the global norm of the full gradient (ops.clip_by_global_norm's maths)
+            factor = self.grad_clip / ops.maximum(grad_norm, self.grad_clip)
+            grads = tuple(g * ops.broadcast_to(factor, g.shape) for g in grads)  # explicit broadcast: see layers
         if self.sharded:
             grads = tuple([grads[i] for i in self.own])
         self.optimizer(grads)
@@ -122,12 +123,12 @@ class TrainStep(nn.Cell):
         grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
         if self.scaling:
             if finite:
-                self.apply(grads)
+                self.apply(grads, grad_norm)
             else:
                 ops.assign_add(self.skipped_steps, ms.Tensor(1, ms.int32))
             self.scaler.adjust(finite)
         else:
-            self.apply(grads)
+            self.apply(grads, grad_norm)
         if self.sharded:  # after skipped steps too: then it rewrites unchanged values
             self.share()
         return loss, grad_norm, finite, scale
@@ -152,4 +153,5 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
     step_fn = TrainStep(DiffusionLoss(model, diffusion), update, cfg.optim.get("grad_clip"), ema_decay,
                         loss_scaler(cfg.get("precision")))
     step_fn.set_train(True)
+    model.set_train(True)  # the model is reached only through grad_fn, which set_train does not walk
     return step_fn, update, model_params
