@@ -87,6 +87,16 @@ class Direction(StrEnum):
     maximize = "maximize"
 
 
+class ShapeMode(StrEnum):
+    per_shape = "per_shape"
+    dynamic = "dynamic"
+
+
+class MicroBatchWeight(StrEnum):
+    equal = "equal"
+    samples = "samples"
+
+
 class Component(StrEnum):
     model = "model"
     text_encoder = "text_encoder"
@@ -189,6 +199,12 @@ class EvalConfig:
 
 @dataclass
 class TrainTask:
+    """grad_accumulation, shapes and micro_batch_weight apply to bucketed data (data.bucket_config): micro-batches
+    per rank and step (their gradients averaged before the update); how the step is compiled for the buckets'
+    shapes (per_shape: one graph per shape, kept; dynamic: one graph with dynamic dims); how micro-batches of
+    different sizes are averaged (equal: each micro-batch's mean loss counts the same, as v1.1.0's all-reduce
+    over ranks; samples: each sample counts the same)."""
+
     _target_: str = "opensora.tasks.train.run"
     max_steps: int = rule(1000, ge=1)
     log_every: int = rule(10, ge=1)
@@ -196,6 +212,9 @@ class TrainTask:
     keep_last: int = rule(2, ge=1)
     timestep_sampling: Any = MISSING
     eval: Optional[EvalConfig] = None
+    grad_accumulation: int = rule(1, ge=1)
+    shapes: ShapeMode = ShapeMode.per_shape
+    micro_batch_weight: MicroBatchWeight = MicroBatchWeight.equal
 
 
 @dataclass

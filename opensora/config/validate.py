@@ -354,6 +354,48 @@ def _sample_source(cfg) -> list[str]:
 
 
 @check
+def _buckets(cfg) -> list[str]:
+    """Bucketed data (data.bucket_config): every entry of the bucket config, own resolutions and mask ratios checked
+    (named); it trains STDiT2 (the only model taking size conditioning), not under sequence parallel (frames split
+    over ranks of different shapes). Without it, the settings only bucketed training has are refused."""
+    task = task_name(cfg)
+    bucket, masks = value_of(cfg, "data.bucket_config"), value_of(cfg, "data.mask_ratios")
+    accumulation = value_of(cfg, "task.grad_accumulation")
+    if bucket in (None, _UNSET):
+        problems = []
+        if task == "train" and masks not in (None, _UNSET):
+            problems.append("data.mask_ratios (masked conditioning frames) is trained with bucketed data only "
+                            "(data=variable_csv, STDiT2); set data.mask_ratios=null")
+        if task == "train" and isinstance(accumulation, int) and accumulation > 1:
+            problems.append(f"task.grad_accumulation={accumulation} is for bucketed data (data.bucket_config); raise "
+                            "data.batch_size instead")
+        return problems
+    from opensora.data.bucket import Bucket
+    from opensora.data.masks import validate_mask_ratios
+
+    problems = []
+    try:
+        Bucket(bucket, resolutions=None if value_of(cfg, "data.resolutions") is _UNSET
+               else value_of(cfg, "data.resolutions"))
+    except ValueError as e:
+        problems.append(str(e))
+    if masks not in (None, _UNSET):
+        try:
+            validate_mask_ratios(masks)
+        except ValueError as e:
+            problems.append(str(e))
+    if task == "train":
+        target = str(value_of(cfg, "model._target_"))
+        if not target.endswith("STDiT2"):
+            problems.append(f"data.bucket_config trains STDiT2 (its size, aspect-ratio, frames and fps conditioning), "
+                            f"but model._target_={target}: use model=stdit2_tiny or model=stdit2_xl2")
+        if value_of(cfg, "parallel.mode") == "sequence":
+            problems.append("parallel=sequence splits each video's frames over ranks, which bucketed data gives "
+                            "different shapes: use parallel=data or parallel=zero with data.bucket_config")
+    return problems
+
+
+@check
 def _resume(cfg) -> list[str]:
     from opensora.config.resume import resume_problem
 

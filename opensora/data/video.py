@@ -122,11 +122,17 @@ def as_size(image_size) -> tuple[int, int]:
     return h, w
 
 
-def _linear_taps(in_size: int, scale: float, start: int, count: int):
+def _linear_taps(in_size: int, scale: float, start: int, count: int, out_size: Optional[int] = None):
     """Source rows (i0, i1) and weights (w0, w1) of outputs start..start+count-1 of a bilinear resize by
-    `scale` (torch interpolate, align_corners=False: src = (dst + 0.5) / scale - 0.5, clamped at 0)."""
-    dst = np.arange(start, start + count, dtype=np.float64)
-    src = np.maximum((dst + 0.5) / scale - 0.5, 0.0)
+    `scale` (torch interpolate, align_corners=False: src = (dst + 0.5) / scale - 0.5, clamped at 0). With
+    `out_size` (a resize to a size, torch interpolate(size=...)) the coordinates are torch's float32 ones:
+    src = float32(in / out) * (dst + 0.5) - 0.5."""
+    if out_size is not None:
+        dst = np.arange(start, start + count, dtype=np.float32)
+        src = np.maximum(np.float32(in_size / out_size) * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    else:
+        dst = np.arange(start, start + count, dtype=np.float64)
+        src = np.maximum((dst + 0.5) / scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = (src - i0).astype(np.float32)
@@ -148,15 +154,47 @@ def resize_crop(frames: np.ndarray, size) -> np.ndarray:
     """uint8 frames [T, H, W, 3] -> float32 [T, h, w, 3] in [-1, 1]: bilinear resize of the short side (the
     frame covers `size`), center crop, (x / 255 - 0.5) / 0.5. Only the source rows / columns the crop needs
     are read and only the cropped pixels computed."""
+    frames = _check_rgb_frames(frames)
+    geo = resize_crop_geometry(frames.shape[1], frames.shape[2], size)
+    return _resized_crop(frames, as_size(size), (geo["scale"], geo["scale"]), geo["offset"])
+
+
+def resize_crop_to_fill(frames: np.ndarray, size) -> np.ndarray:
+    """Open-Sora 1.1's `resize_crop` of videos (its ResizeCrop / resize_crop_to_fill): uint8 frames [T, H, W, 3]
+    -> float32 [T, th, tw, 3] in [-1, 1]. The side needing the larger scale is resized to exactly its target,
+    the other to round(side * that scale) (torch `interpolate(size=...)`, bilinear, align_corners=False: each
+    axis scaled by target / source), then center-cropped at floor((resized - target) / 2)."""
+    frames = _check_rgb_frames(frames)
+    _, h, w, _ = frames.shape
+    th, tw = as_size(size)
+    rh, rw = th / h, tw / w
+    if rh > rw:
+        sh, sw = th, round(w * rh)
+        top, left = 0, int(round(sw - tw) / 2.0)
+    else:
+        sh, sw = round(h * rw), tw
+        top, left = int(round(sh - th) / 2.0), 0
+    return _resized_crop(frames, (th, tw), (sh / h, sw / w), (top, left), (sh, sw))
+
+
+def _check_rgb_frames(frames) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
-    t, h, w, _ = frames.shape
-    th, tw = as_size(size)
-    geo = resize_crop_geometry(h, w, (th, tw))
-    top, left = geo["offset"]
-    r0, r1, a0, a1 = _linear_taps(h, geo["scale"], top, th)
-    c0, c1, b0, b1 = _linear_taps(w, geo["scale"], left, tw)
+    return frames
+
+
+def _resized_crop(frames: np.ndarray, size: tuple[int, int], scales: tuple[float, float],
+                  offset: tuple[int, int], resized: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """The th x tw window at `offset` of the frames bilinearly resized by `scales` (per axis; or to the size
+    `resized`, with torch's coordinates of a resize to a size), in [-1, 1]; only the source rows / columns the
+    window needs are read."""
+    th, tw = size
+    top, left = offset
+    h, w = frames.shape[1:3]
+    sh, sw = resized if resized is not None else (None, None)
+    r0, r1, a0, a1 = _linear_taps(h, scales[0], top, th, sh)
+    c0, c1, b0, b1 = _linear_taps(w, scales[1], left, tw, sw)
     rlo, clo = int(r0.min()), int(c0.min())
     src = frames[:, rlo:int(r1.max()) + 1, clo:int(c1.max()) + 1]  # the window the crop reads
     r0, r1, c0, c1 = r0 - rlo, r1 - rlo, c0 - clo, c1 - clo
@@ -216,6 +254,7 @@ class VideoTextDataset:
         self.image_size = as_size(image_size)
         self.seed, self.decode_threads = int(seed), int(decode_threads)
         df = read_video_csv(csv_path)
+        self.table = df  # every column of the CSV (as strings), video and caption renamed
         self.videos: list[str] = df["video"].tolist()
         self.captions: list[str] = df["caption"].tolist()
         self.text_folder = self.video_cache = None

@@ -24,6 +24,9 @@ class NullLogger:
     def log_image(self, key: str, path: str, caption: str = "", step: Optional[int] = None) -> None:
         pass
 
+    def log_table(self, key: str, columns: list, rows: list, step: Optional[int] = None) -> None:
+        pass
+
     def summary(self, values: dict) -> None:
         pass
 
@@ -61,6 +64,9 @@ class WandbLogger(NullLogger):
 
     def log_image(self, key: str, path: str, caption: str = "", step: Optional[int] = None) -> None:
         self.run.log({key: self._wandb.Image(path, caption=caption)}, step=step)
+
+    def log_table(self, key: str, columns: list, rows: list, step: Optional[int] = None) -> None:
+        self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
     def summary(self, values: dict) -> None:
         for k, v in values.items():
