@@ -198,10 +198,44 @@ class EvalConfig:
 
 
 @dataclass
+class LossEvalConfig:
+    """The validation loss per bucket and timestep (opensora/eval/loss.py): a validation CSV, its files' folder and
+    cached caption embeddings, the buckets (null: data.bucket_config), how many timesteps, at most how many samples
+    per bucket, how the graph is compiled for the buckets' shapes."""
+
+    csv_path: Optional[str] = rule(None, path="file")
+    video_folder: Optional[str] = rule(None, path="dir")
+    text_embed_folder: Optional[str] = rule(None, path="dir")
+    bucket_config: Any = None
+    num_timesteps: int = rule(10, ge=1)
+    max_samples: Optional[int] = rule(None, ge=1)
+    shapes: ShapeMode = ShapeMode.dynamic
+
+
+@dataclass
+class ValidateConfig(LossEvalConfig):
+    """The validation loss during training (bucketed data), when csv_path is set: every N steps and at the end,
+    with the training weights (use_ema: the EMA's), logged as val/* curves."""
+
+    every: int = rule(0, ge=0, help="0: only at the end")
+    use_ema: bool = False
+
+
+@dataclass
+class EvalLossTask(LossEvalConfig):
+    _target_: str = "opensora.tasks.eval_loss.run"
+    csv_path: str = rule(MISSING, path="file")
+    run: Optional[str] = rule(None, path="dir", help="a training run's directory (outputs/runs/<run>)")
+    ckpt_path: Optional[str] = rule(None, path="exists")
+    use_ema: bool = True
+
+
+@dataclass
 class TrainTask:
     """grad_accumulation, shapes and micro_batch_weight apply to bucketed data (data.bucket_config): micro-batches
     per rank and step (their gradients averaged before the update); how the step is compiled for the buckets'
-    shapes (per_shape: one graph per shape, kept; dynamic: one graph with dynamic dims); how micro-batches of
+    shapes (dynamic: one graph with dynamic dims, the default; per_shape: one graph per shape, kept; README,
+    "Variable shapes in graph mode"); how micro-batches of
     different sizes are averaged (equal: each micro-batch's mean loss counts the same, as v1.1.0's all-reduce
     over ranks; samples: each sample counts the same)."""
 
@@ -213,8 +247,9 @@ class TrainTask:
     timestep_sampling: Any = MISSING
     eval: Optional[EvalConfig] = None
     grad_accumulation: int = rule(1, ge=1)
-    shapes: ShapeMode = ShapeMode.per_shape
+    shapes: ShapeMode = ShapeMode.dynamic
     micro_batch_weight: MicroBatchWeight = MicroBatchWeight.equal
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
 
 @dataclass
@@ -398,7 +433,7 @@ class DatautilTask(CsvToolTask):
     shard: Optional[int] = rule(None, ge=1)
 
 
-TASKS = {"train": TrainTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
+TASKS = {"train": TrainTask, "eval_loss": EvalLossTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
          "embed_video": EmbedVideoTask, "scan_videos": ScanVideosTask, "convert": ConvertTask,
          "benchmark": BenchmarkTask, "scene_detect": SceneDetectTask, "scene_cut": SceneCutTask,
          "camera_motion": CameraMotionTask, "flow_score": FlowScoreTask, "datautil": DatautilTask}

@@ -303,3 +303,19 @@ class Bucket:
             return np.zeros(0)
         stream = np.random.default_rng([int(seed), int(epoch), pair]).random(int(rows.max()) + 1)
         return stream[rows]
+
+    def possible(self, num_frames: int, height: int, width: int, frame_interval: int) -> list[tuple[str, int, str]]:
+        """Every bucket the rule can give this clip in some epoch (its candidates with keep_prob > 0, down to the
+        first certain one), largest resolution first."""
+        out = []
+        pixels = int(height) * int(width)
+        for res in self.resolutions:
+            if pixels < self.tables[res][0] * APPROX:
+                continue
+            t = self.candidate(res, int(num_frames), int(frame_interval))
+            if t is None or self.keep_prob(res, t) <= 0:
+                continue
+            out.append((res, t, self.closest_ratio(res, height, width)))
+            if self.keep_prob(res, t) >= 1.0:
+                break
+        return out

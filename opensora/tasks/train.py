@@ -21,6 +21,7 @@ from opensora.train.batch import build_feed
 from opensora.train.evaluate import HeldoutEvaluator, wants_evaluation
 from opensora.train.state import TrainingState
 from opensora.train.step import StepRunner, build_train_step
+from opensora.train.validate import LossValidator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
 
     step, wandb_id, loss_avg, rng = 0, None, None, np.random.default_rng(int(cfg.seed))
     feed = build_feed(cfg, strategy, vae, text_encoder, diffusion, timesteps, drop_prob, rng)  # draws, model inputs
-    train_step = StepRunner(step_fn, strategy, sync, str(task.get("shapes") or "per_shape")
+    train_step = StepRunner(step_fn, strategy, sync, str(task.get("shapes") or "dynamic")
                             if cfg.data.get("bucket_config") is not None else "fixed")
     if resuming:
         ckpt, saved = state.restore(str(cfg.resume))
@@ -93,16 +94,19 @@ def run(cfg: DictConfig) -> dict:
     evaluating = wants_evaluation(cfg, dataset)  # decided alike on every rank: evaluation gathers the EMA
     evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger) if evaluating and ctx.is_main else None
     eval_every = int(task.eval.every or 0) if evaluating else 0
+    validating = bool(task.get("validate") and task.validate.get("csv_path"))  # the loss per bucket (bucketed data)
+    validator = LossValidator(cfg, text_encoder, vae, diffusion, logger) if validating and ctx.is_main else None
+    val_every = int(task.validate.every or 0) if validating else 0
     ckpt_every = int(task.ckpt_every or 0)
 
     def save(at: int) -> None:
         state.save(at, state.host_state(loader, rng, logger, loss_avg, int(cfg.seed)))
         saved_at[0] = at
 
-    def evaluate(at: int) -> dict:
+    def evaluate(at: int, judge, tag: str) -> dict:
         model_w, ema_w, _ = state.full(with_optimizer=False, keep=ctx.is_main)
-        scores = evaluator(model_w, ema_w, at) if evaluator is not None else {}
-        strategy.barrier(sync, f"evaluated-{at}")
+        scores = judge(model_w, ema_w, at) if judge is not None else {}
+        strategy.barrier(sync, f"{tag}-{at}")
         return scores
 
     saved_at, exit_code, metrics = [step if resuming else None], 1, {}
@@ -146,7 +150,9 @@ def run(cfg: DictConfig) -> dict:
             if ckpt_every and step % ckpt_every == 0:
                 save(step)
             if eval_every and step % eval_every == 0 and step < int(task.max_steps):
-                evaluate(step)
+                evaluate(step, evaluator, "evaluated")
+            if val_every and step % val_every == 0 and step < int(task.max_steps):
+                evaluate(step, validator, "validated")
         bar.close()
         if ckpt_every and saved_at[0] != step:  # from this process's own record: all ranks agree (save is collective)
             save(step)
@@ -158,7 +164,9 @@ def run(cfg: DictConfig) -> dict:
         if step_fn.scaling:
             metrics["train/skipped_steps"] = int(step_fn.skipped_steps.asnumpy())
         if evaluating:
-            metrics.update(evaluate(step))
+            metrics.update(evaluate(step, evaluator, "evaluated"))
+        if validating:
+            metrics.update(evaluate(step, validator, "validated"))
         logger.summary(metrics)
         for k, v in metrics.items():
             log.info("%s = %s", k, v)
