@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import assert_same_training_state, run_cli, run_msrun, write_mp4
+from helpers import ROOT, assert_same_training_state, run_cli, run_msrun, write_mp4
 from opensora.data.variable import VariableVideoTextDataset
 from opensora.model.stdit2 import STDiT2
 from opensora.scheduler import IDDPM
@@ -152,8 +152,27 @@ def test_validation_loss_per_bucket_is_deterministic_and_counts_each_sample_once
 # ================================================================
 
 
+@pytest.fixture(scope="module")
+def train_media(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(12):  # 16x16 and 8x8 clips of 20 frames: buckets px16 x 4 and px8 x 4
+        h = 16 if i % 2 else 8
+        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (20, h, h, 3), np.uint8), 24)
+        rows.append((f"v{i}.mp4", f"clip {i}", 20, h, h))
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(root / f"s{i}.png")
+        rows.append((f"s{i}.png", f"image {i}", 1, 16, 16))
+    pd.DataFrame(rows, columns=["path", "text", "num_frames", "height", "width"]).to_csv(root / "train.csv",
+                                                                                       index=False)
+    return root
+
+
 @pytest.mark.slow
-def test_two_ranks_with_different_shapes_equal_one_process_accumulating_both(val_media, tmp_path):
+def test_two_ranks_with_different_shapes_equal_one_process_accumulating_both(train_media, tmp_path):
     """msrun, 2 ranks, parallel=data: in each step the ranks train the plan's two micro-batches (of different
     shapes in some step); one process with task.grad_accumulation=2 trains both micro-batches of each step. The
     checkpoints agree: model, EMA, AdamW state, data position, loss average (fp32 rounding of a mean of 2 rank
@@ -161,13 +180,14 @@ def test_two_ranks_with_different_shapes_equal_one_process_accumulating_both(val
     from opensora.data.bucket import Bucket
     from opensora.data.sampler import BucketSampler
 
-    common = ["task=train", "data=variable_csv", "debug=fast", "scheduler=iddpm", f"data.csv_path={val_media / 'val.csv'}",
+    common = ["task=train", "data=variable_csv", "debug=fast", "scheduler=iddpm",
+              f"data.csv_path={train_media / 'train.csv'}",
               "logger=none", "task.shapes=dynamic", "task.max_steps=2", "task.ckpt_every=2",
               "data.mask_ratios={mask_no: 0.5, mask_image_head: 0.25, mask_quarter_tail: 0.25}"]
     one = tmp_path / "one"
     run_cli([*common, "task.grad_accumulation=2", f"hydra.run.dir={one}"], tmp_path)
     two = tmp_path / "two"
-    proc, logs = run_msrun(["run.py", *common, "parallel=data", f"hydra.run.dir={two}"], tmp_path)
+    proc, logs = run_msrun([str(ROOT / "run.py"), *common, "parallel=data", f"hydra.run.dir={two}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n".join(v[-3000:] for v in logs.values())
     assert_same_training_state(two / "checkpoints" / "step_000002", one / "checkpoints" / "step_000002")
     state = json.loads((one / "checkpoints" / "step_000002" / "state.json").read_text())
@@ -176,7 +196,7 @@ def test_two_ranks_with_different_shapes_equal_one_process_accumulating_both(val
     from helpers import compose_cfg
 
     cfg = compose_cfg(common, tmp_path)
-    ds = VariableVideoTextDataset(str(val_media / "val.csv"), frame_interval=3)
+    ds = VariableVideoTextDataset(str(train_media / "train.csv"), frame_interval=3)
     plan = BucketSampler(Bucket(cfg.data.bucket_config, resolutions=cfg.data.resolutions), ds.sizes, 3, 42,
                          slots=2).plan(0)
     b = Bucket(cfg.data.bucket_config, resolutions=cfg.data.resolutions)

@@ -5,7 +5,6 @@ CSV grew / shrank or the slots changed (re-planned, nothing trained twice in the
 No MindSpore graph here: these are host-side tables."""
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 import numpy as np

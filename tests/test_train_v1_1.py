@@ -179,3 +179,40 @@ def test_a_folder_trains_stage_1_resumes_after_clips_were_added_and_chains_stage
         for k, v in ema.items():  # EMA 0.9999 over 4 steps: within 1e-6 of where it started
             np.testing.assert_allclose(v, emas[prev][k], rtol=0, atol=1e-6, err_msg=f"{name}: {k}")
         emas[name] = ema
+
+
+@pytest.mark.slow
+def test_bucket_latent_cache_validation_during_training_and_eval_loss(tmp_path):
+    """task=embed_video on bucketed data caches one latent per video per bucket size; training reads them (no VAE
+    built) and logs the validation loss; task=eval_loss of the run writes its table, CSV and plot."""
+    media = tmp_path / "media"
+    captions = mixed_folder(media, 8)
+    rows = []
+    for path, text in captions.items():
+        from opensora.data.media_info import probe
+
+        info = probe(str(media / path))
+        rows.append((path, text, info["num_frames"], info["height"], info["width"]))
+    pd.DataFrame(rows, columns=["path", "text", "num_frames", "height", "width"]).to_csv(media / "videos.csv",
+                                                                                       index=False)
+    common = ["task=train", "data=variable_csv", "debug=fast", "scheduler=iddpm", f"data.csv_path={media / 'videos.csv'}",
+              "logger=none"]
+    cache = tmp_path / "latents"
+    run_cli([*common, "task=embed_video", f"task.output_dir={cache}"], tmp_path)
+    index = pd.read_csv(cache / "index.csv")
+    assert set(index.columns) >= {"video", "path", "num_frames", "height", "width"}
+    assert (index.groupby("video").size() >= 1).all() and index.path.str.match(r"\d+x\d+x\d+/").all()
+    run = tmp_path / "run"
+    proc = run_cli([*common, f"data.video_embed_folder={cache}", "task.max_steps=2", "task.ckpt_every=2",
+                    f"task.validate.csv_path={media / 'videos.csv'}", "task.validate.max_samples=2",
+                    "task.validate.num_timesteps=2", f"hydra.run.dir={run}"], tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "validation: " in log and re.search(r"step 2: validation loss loss \d", log)
+    assert re.search(r"val/loss = \d", log)
+    proc = run_cli(["task=eval_loss", f"task.run={run}", f"task.csv_path={media / 'videos.csv'}",
+                    "task.num_timesteps=2", "task.max_samples=3", f"hydra.run.dir={tmp_path / 'eval'}",
+                    "logger=none"], tmp_path)
+    assert re.search(r"px16 x 4 +\d+ +\d", proc.stdout) and "t=333" in proc.stdout
+    table = pd.read_csv(tmp_path / "eval" / "eval_loss.csv")
+    assert list(table.columns) == ["resolution", "num_frames", "samples", "t333", "t666", "mean"]
+    assert (tmp_path / "eval" / "eval_loss.png").stat().st_size > 1000

@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from opensora.data.aspect import ASPECT_RATIOS
+from opensora.data.cache import _plain
 
 # The pixel tolerance of step 1 (a clip may be 20% smaller than the resolution it trains at).
 APPROX = 0.8
@@ -51,17 +52,6 @@ DROP_REASONS = {
     "disabled": "every bucket it could go to is disabled ([0.0, null])",
     "keep_prob": "rejected by the keep-probability draws at every resolution it fits (drawn again each epoch)",
 }
-
-
-def _plain(config):
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(config):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return config
 
 
 def parse_resolutions(resolutions, key: str = "data.resolutions") -> dict[str, tuple[int, dict]]:

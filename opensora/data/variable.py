@@ -36,7 +36,7 @@ import pandas as pd
 from opensora.data.cache import check_meta, read_index
 from opensora.data.loader import BadSampleError
 from opensora.data.sampler import SizeTable
-from opensora.data.video import VideoTextDataset, _short, is_image, resize_crop_to_fill, sample_frame_indices
+from opensora.data.video import VideoTextDataset, _short, is_image, resize_crop_to_fill
 
 log = logging.getLogger(__name__)
 
@@ -151,26 +151,8 @@ class VariableVideoTextDataset(VideoTextDataset):
             except Exception as e:  # noqa: BLE001 - any decoder failure is bad data
                 raise BadSampleError(str(path), f"unreadable image ({_short(e)})") from None
             return x, np.zeros(1, np.int64), IMAGE_FPS
-        from opensora.utils.video_io import open_video, read_frames
-
-        try:
-            reader = open_video(path, self.decode_threads)
-            total = len(reader)
-            fps = float(reader.get_avg_fps())
-        except Exception as e:  # noqa: BLE001
-            raise BadSampleError(str(path), f"unreadable video ({_short(e)})") from None
-        try:
-            indices = sample_frame_indices(total, key.num_frames, self.frame_interval, self.rng(i, epoch))
-        except ValueError as e:
-            raise BadSampleError(str(path), f"too short for {key.num_frames} frames: {e}") from None
-        try:
-            frames = read_frames(reader, indices)
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt stream
-            raise BadSampleError(str(path), f"cannot decode frames {indices.tolist()} ({_short(e)})") from None
-        finally:
-            del reader
-        if frames.shape[0] != key.num_frames or frames.shape[1] < 1 or frames.shape[2] < 1:
-            raise BadSampleError(str(path), f"decoded frames of shape {frames.shape}")
+        frames, indices, fps = self.read_window(path, i, epoch, key.num_frames,
+                                                f"too short for {key.num_frames} frames")
         x = resize_crop_to_fill(frames, (key.height, key.width))  # [T, H, W, 3]
         if not np.isfinite(fps) or fps <= 0:
             fps = float(self.csv_fps[i]) if self.csv_fps is not None and np.isfinite(self.csv_fps[i]) else DEFAULT_FPS

@@ -313,26 +313,34 @@ class VideoTextDataset:
             except Exception as e:  # noqa: BLE001 - any decoder failure is bad data
                 raise BadSampleError(str(path), f"unreadable image ({type(e).__name__}: {e})") from None
             return np.broadcast_to(image, (self.num_frames, *image.shape)), np.zeros(self.num_frames, np.int64)
+        frames, indices, _ = self.read_window(path, i, epoch, self.num_frames)
+        return frames, indices
+
+    def read_window(self, path: Path, i: int, epoch: int, num_frames: int,
+                    too_short: str = "too short") -> tuple[np.ndarray, np.ndarray, float]:
+        """(uint8 frames [T, H, W, 3], their indices, the container's fps) of `num_frames` frames of the video at
+        `path` (row i) over the random window of epoch `epoch`. Raises BadSampleError."""
         from opensora.utils.video_io import open_video, read_frames
 
         try:
             reader = open_video(path, self.decode_threads)
             total = len(reader)
+            fps = float(reader.get_avg_fps())
         except Exception as e:  # noqa: BLE001
             raise BadSampleError(str(path), f"unreadable video ({_short(e)})") from None
         try:
-            indices = sample_frame_indices(total, self.num_frames, self.frame_interval, self.rng(i, epoch))
+            indices = sample_frame_indices(total, num_frames, self.frame_interval, self.rng(i, epoch))
         except ValueError as e:
-            raise BadSampleError(str(path), f"too short: {e}") from None
+            raise BadSampleError(str(path), f"{too_short}: {e}") from None
         try:
             frames = read_frames(reader, indices)
         except Exception as e:  # noqa: BLE001 - truncated or corrupt stream
             raise BadSampleError(str(path), f"cannot decode frames {indices.tolist()} ({_short(e)})") from None
         finally:
             del reader
-        if frames.shape[0] != self.num_frames or frames.shape[-1] != 3 or frames.size == 0:
+        if frames.shape[0] != num_frames or frames.shape[-1] != 3 or frames.size == 0:
             raise BadSampleError(str(path), f"decoded frames of shape {frames.shape}")
-        return frames, indices
+        return frames, indices, fps
 
     def clip(self, i: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(video [3, T, H, W] float32 in [-1, 1] resized and center-cropped to image_size, frame indices)."""

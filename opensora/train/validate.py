@@ -21,6 +21,16 @@ class LossValidator:
         from opensora.tasks.eval_loss import build_evaluator
 
         self.settings, self.logger = cfg.task.validate, logger
+        if vae is None:  # training reads cached latents; the validation CSV is read as pixels
+            from hydra.utils import instantiate
+
+            log.info("validation: building the VAE (training reads cached latents, the validation CSV pixels)")
+            vae = instantiate(cfg.vae)
+        if text_encoder is None and not self.settings.get("text_embed_folder"):
+            from opensora.tasks.common import build_text_encoder
+
+            log.info("validation: building the text encoder (task.validate.text_embed_folder is not set)")
+            text_encoder = build_text_encoder(cfg)
         self.model = build_model(cfg, with_pretrained=False)
         self.evaluator = build_evaluator(cfg, self.settings, self.model, diffusion, text_encoder, vae)
         log.info("validation: %d samples of %s in %d buckets at timesteps %s, every %s steps", len(self.evaluator),
