@@ -153,20 +153,20 @@ class BucketLossEvaluator:
     def metrics(self, results: list[dict], prefix: str = "val") -> dict:
         """{prefix/loss: mean over every evaluated (sample, timestep), prefix/loss/<res>x<t>: bucket means,
         prefix/loss_t<ts>: per timestep over every sample}."""
-        out, total, n = {}, 0.0, 0
+        buckets, total, n = {}, 0.0, 0
         per_t = np.zeros(len(self.timesteps))
         for r in results:
             if not r["samples"]:
                 continue
-            out[f"{prefix}/loss/{r['resolution']}x{r['num_frames']}"] = r["mean"]
+            buckets[f"{prefix}/loss/{r['resolution']}x{r['num_frames']}"] = r["mean"]
             vals = np.array([r[f"t{ts}"] for ts in self.timesteps])
             per_t += vals * r["samples"]
             total += vals.mean() * r["samples"]
             n += r["samples"]
-        if n:
-            out[f"{prefix}/loss"] = total / n
-            out.update({f"{prefix}/loss_t{ts}": per_t[j] / n for j, ts in enumerate(self.timesteps)})
-        return out
+        if not n:
+            return buckets
+        return {f"{prefix}/loss": total / n, **buckets,
+                **{f"{prefix}/loss_t{ts}": per_t[j] / n for j, ts in enumerate(self.timesteps)}}
 
 
 def format_table(results: list[dict], timesteps: list[int]) -> str:

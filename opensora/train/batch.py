@@ -1,10 +1,13 @@
 """What one training step needs besides the weights: its random draws, made on the host for the global batch,
 and the model inputs of a loaded batch (VAE / text-encoder outputs, or their caches).
 
-Every random choice of a step comes from the train RNG (numpy, seeded by `seed`, saved in each checkpoint), drawn
-for the whole global batch in a fixed order and sliced by each rank (`strategy.rows`): the VAE's posterior noise
-(when it samples), the timesteps, the diffusion noise and the caption-dropout decisions. So data-parallel ranks
-together use exactly what one process with the global batch would, and a resumed run continues the stream.
+Fixed-size batches (`GlobalBatchFeed`): every random choice of a step comes from the train RNG (numpy, seeded by
+`seed`, saved in each checkpoint), drawn for the whole global batch in a fixed order and sliced by each rank
+(`strategy.rows`): the VAE's posterior noise (when it samples), the timesteps, the diffusion noise and the
+caption-dropout decisions. So data-parallel ranks together use exactly what one process with the global batch
+would, and a resumed run continues the stream. Bucketed micro-batches (`BucketFeed`), whose shapes differ between
+ranks: each micro-batch draws from generators of (seed, step, slot), the same on whichever rank it trains.
+`build_feed` picks the feed of the configured data; the train loop only calls it.
 """
 from __future__ import annotations
 
