@@ -17,7 +17,7 @@ from helpers import CONF, compose_cfg
 from opensora.config import ConfigError, validate
 from opensora.config.schema import TASKS
 
-GLOBAL_GROUPS = ("experiment", "hparams_search", "debug")  # `# @package _global_` options
+GLOBAL_GROUPS = ("experiment", "hparams_search", "debug", "hydra")  # `# @package _global_` options, Hydra's own
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))  # base/ holds what recipes share
 GROUPS = sorted({str(p.parent.relative_to(CONF)) for p in CONF.rglob("*.yaml")
                  if p.parent != CONF and p.parent.relative_to(CONF).parts[0] not in GLOBAL_GROUPS})
@@ -210,7 +210,7 @@ def test_a_misspelled_key_inside_an_experiment_fails_at_compose_time(tmp_path):
 
 
 def test_keys_that_only_code_read_are_declared(tmp_path):
-    assert "ddim_eta" in compose_cfg(["scheduler=iddpm_ddim"], tmp_path).scheduler
+    assert compose_cfg(["scheduler=iddpm_ddim"], tmp_path).scheduler.sampler.eta == 0.0
     assert "conv_impl" in compose_cfg(["vae=sd_vae_ft_ema", "data.image_size=64"], tmp_path).vae
     for option in ("t5_tiny", "t5_folder", "t5_v1_1_xxl"):
         text = (CONF / "text_encoder" / f"{option}.yaml").read_text()
@@ -293,3 +293,44 @@ def test_ddim_respaces_like_the_original_unless_asked_for_the_stride():
     stride = IDDPM(num_sampling_steps=10, sampler="ddim", timestep_spacing="stride")
     assert sorted(stride.timestep_map) == list(range(0, 1000, 100))
     assert np.array_equal(sorted(IDDPM(num_sampling_steps=10).timestep_map), sorted(sections.timestep_map))
+
+
+# ---------------------------------------------------------------- run directories
+
+
+def test_run_directories_never_collide_and_the_ranks_of_one_launch_share_one(tmp_path, monkeypatch):
+    import opensora.config.resolvers as r
+
+    def launch(ident):  # a process of another launch, started in the same second
+        monkeypatch.setattr(r, "_LAUNCH", {"start": 1_800_000_000.0, "id": ident})
+        monkeypatch.setattr(r, "_CLAIMED", {})
+
+    launch("pid-1")
+    first = r.claim_unique_dir(str(tmp_path / "runs"))
+    launch("pid-2")
+    assert r.unique_dir(str(tmp_path / "runs")) == first + "_1"  # the free name, nothing claimed yet
+    assert not Path(first + "_1").exists()
+    second = r.claim_unique_dir(str(tmp_path / "runs"))
+    assert second == first + "_1" and Path(second, ".launch").read_text() == "pid-2"
+    launch("msrun-7-1.000")  # two ranks of one msrun job: the second finds the first's claim and shares it
+    a = r.claim_unique_dir(str(tmp_path / "runs"))
+    monkeypatch.setattr(r, "_CLAIMED", {})
+    assert r.claim_unique_dir(str(tmp_path / "runs")) == a == first + "_2"
+
+
+def test_resume_composes_the_runs_own_overrides_with_those_given_now(tmp_path):
+    from opensora.config.resume import resume_overrides
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- model.depth=2\n- task.max_steps=100\n- hydra.run.dir=/elsewhere\n- logger=none\n")
+    assert resume_overrides(run, ["task.max_steps=200", "parallel=data"]) == [
+        "model.depth=2", "logger=none", "task.max_steps=200", "parallel=data"]
+    # a resume records its complete list, which the next resume starts from
+    (run / "resumes" / "t1" / ".hydra").mkdir(parents=True)
+    (run / "resumes" / "t1" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / "resumes" / "t1" / ".hydra" / "overrides.yaml").write_text(
+        "- model.depth=2\n- task.max_steps=200\n- resume=x\n")
+    assert resume_overrides(run, []) == ["model.depth=2", "task.max_steps=200"]

@@ -381,6 +381,22 @@ def test_text_cache_round_trip_and_refusal(media, tmp_path):
     with pytest.raises(ValueError, match=r"data.text_embed_folder=.*model_max_length: cache 8 vs config 16.*"
                                          r"task=embed_text"):
         dataset(media, text_embed_folder=str(folder), text_cache_settings=text_cache_settings(other))
+    # the encoder is identified by its content, not its folder's name: another run's T5, also saved in a folder
+    # called text_encoder, with a tokenizer trained on other captions, is refused
+    from opensora.text_encoder import train_sentencepiece
+
+    other_run = tmp_path / "other" / "text_encoder"
+    train_sentencepiece([f"another caption number {i}" for i in range(30)], str(other_run), vocab_size=40)
+    T5Embedder(config=dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+               tokenizer_path=str(other_run / "spiece.model"), model_max_length=8).save_pretrained(str(other_run))
+    folder_cfg = {"_target_": "opensora.text_encoder.T5Embedder", "from_pretrained": str(other_run),
+                  "model_max_length": 8, "output_dim": 64, "clean_caption": False}
+    with pytest.raises(ValueError, match=r"text_encoder_fingerprint: cache '\w+' vs config '\w+' \(the weights or "
+                                         r"tokenizer differ"):
+        dataset(media, text_embed_folder=str(folder), text_cache_settings=text_cache_settings(folder_cfg))
+    same = {**folder_cfg, "from_pretrained": str(tmp_path / "run" / "text_encoder")}
+    assert text_cache_settings(same)["text_encoder_fingerprint"] == read_meta(folder)["settings"][
+        "text_encoder_fingerprint"]  # the folder the cache was built with (as t5_folder) matches
     # a missing file costs that sample only
     os.remove(folder / "clips/sub/small.npz")
     with pytest.raises(BadSampleError, match=r"small\.npz: text embedding file missing"):

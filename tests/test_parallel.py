@@ -87,3 +87,47 @@ def test_multirun_under_msrun_makes_one_sweep_directory(tmp_path):
         assert (sweep / job / "checkpoints" / "step_000002" / "model.ckpt").is_file()
     # rank 0 alone reports the sweep's best
     assert [name for name, text in logs.items() if "sweep best: train/final_loss_avg = " in text] == ["worker_0.log"]
+
+
+NODE = '''"""Runs msrun as a second node whose master is "another machine" (tests/test_parallel.py): on one machine
+both nodes see the master address as local, and msrun would start a second scheduler."""
+import sys
+
+import mindspore.parallel.cluster.process_entity._api as api
+
+api._is_local_ip = lambda ip: False
+from mindspore.parallel.cluster.run import main  # noqa: E402
+
+sys.argv[0] = "msrun"
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process_on_the_global_batch(tmp_path):
+    """The documented multi-node command, as two "nodes" of one rank each on this machine (node 1's msrun is told
+    the master is remote), gives the weights one process trains on the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import cli_env, free_port
+
+    run, port = tmp_path / "run", free_port()
+    args = [str(ROOT / "run.py"), "parallel=data", "data.batch_size=2", *SMALL, f"hydra.run.dir={run}"]
+    common = ["--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+              "--join=True"]
+    env = cli_env(tmp_path)
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    node0 = subprocess.Popen([msrun, *common, "--node_rank=0", f"--log_dir={tmp_path / 'node0'}", *args], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    (tmp_path / "node.py").write_text(NODE)
+    node1 = subprocess.run([sys.executable, str(tmp_path / "node.py"), *common, "--node_rank=1",
+                            f"--log_dir={tmp_path / 'node1'}", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert node0.wait(timeout=300) == 0 and node1.returncode == 0, node1.stdout[-3000:]
+    assert "step 3: weights identical on all 2 ranks" in (run / "run.log").read_text()
+    single = tmp_path / "single"
+    run_cli(["data.batch_size=4", *SMALL, f"hydra.run.dir={single}"], tmp_path)
+    assert_same_training_state(run / "checkpoints" / "step_000003", single / "checkpoints" / "step_000003",
+                               position=12)

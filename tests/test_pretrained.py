@@ -345,7 +345,7 @@ def test_convert_model_round_trip_without_torch(tmp_path, wrapper):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np, mindspore as ms\n"
-        "from conftest import compose_cfg\n"
+        "from helpers import compose_cfg\n"
         "from opensora.tasks.common import build_model\n"
         f"cfg = compose_cfg(['model.pretrained={out}'], {str(tmp_path)!r})\n"
         "m = build_model(cfg)\n"

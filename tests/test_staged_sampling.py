@@ -41,7 +41,7 @@ def tiny_overrides(assets: Path) -> list[str]:
             "data.num_frames=4", "data.image_size=8", "vae=identity",
             f"text_encoder.from_pretrained={assets / 't5'}", f"text_encoder.output_dim={T5_DIM}",
             f"text_encoder.model_max_length={T5_LEN}", "scheduler.num_sampling_steps=3",
-            "scheduler.clip_denoised=true", "precision=fp32", f"task.prompt_file={PROMPT_FILE}"]
+            "scheduler.clip_denoised=true", "precision=fp32", f"data.prompt_file={PROMPT_FILE}"]
 
 
 def write_text_cache(folder: Path, t5_folder: Path, prompts: list[str]) -> None:
@@ -108,7 +108,8 @@ def test_recipe_composes_to_the_original_settings(name, tmp_path):
     assert cfg.vae._target_ == "opensora.vae.VideoAutoencoderKL" and cfg.vae.scale_factor == 0.18215
     assert list(cfg.vae.downsample) == [1, 8, 8] and cfg.vae.micro_batch_size == 16
     s = cfg.scheduler
-    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler) == (100, 7.0, 3, "ancestral")
+    assert (s.num_sampling_steps, s.cfg_scale, s.cfg_channel, s.sampler._target_) == (
+        100, 7.0, 3, "opensora.scheduler.samplers.AncestralSampler")
     assert not s.clip_denoised and not s.predict_xstart
     assert len(instantiate(s).timestep_map) == 100
     assert cfg.task.fps == fps == cfg.data.fps and cfg.task.batch_size == 1

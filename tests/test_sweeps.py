@@ -99,3 +99,23 @@ def test_two_point_lr_sweep_runs_with_one_command_and_prints_the_best(tmp_path):
         ckpts = sweep / str(j["job"]) / "checkpoints"
         state = json.loads((ckpts / (ckpts / "latest").read_text().strip() / "state.json").read_text())
         assert state["loss_avg"] == pytest.approx(j["value"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_sweep_through_the_submitit_launcher_keeps_one_sweep_directory(tmp_path):
+    """hydra/launcher=submitit_local runs each job in a process of its own (as on a Slurm cluster): the jobs still
+    land in this launch's one sweep directory, each with its own W&B run, and the best is printed."""
+    proc = run_cli(["-m", "hydra/launcher=submitit_local", "debug=fast", "optim.lr=1e-4,3e-4", *TINY], tmp_path,
+                   timeout=900)
+    (sweep,) = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1"]
+    runs = [list((sweep / j / "wandb").glob("offline-run-*")) for j in ("0", "1")]
+    assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
+    assert "sweep best: train/final_loss_avg = " in proc.stdout
+    slurm = compose_cfg_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.partition == "gpu"
+
+
+def compose_cfg_with_hydra(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)

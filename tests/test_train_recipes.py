@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from helpers import CONF, compose_cfg, run_cli
+from helpers import CONF, compose_cfg, load_ckpt, run_cli, write_mp4
 
 # SPEC section 4, per recipe: (frames, interval, image size, space_scale, time_scale, flash attention,
 # lr, schedule (kind, warmup, min_lr), batch per device, grad clip, init: "pixart" or the stage it continues).
@@ -237,8 +237,6 @@ def test_every_recipe_runs_end_to_end_under_debug_fast(tmp_path):
     (from the 16x512x512 stage). Each run's log names the file it loaded, and its EMA weights after 4 steps
     equal those it started from to within 1e-6 (EMA 0.9999: at most 1e-4 * 10 * lr away), which are the
     PixArt file's for every spatial weight."""
-    from test_cli import load_ckpt, run_cli
-    from test_data import write_mp4
     import pandas as pd
 
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from opensora.config.resolvers import claim_dirs
 
@@ -75,7 +75,11 @@ class PrepareRun(Callback):
         claim_dirs(lambda: config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        claim_dirs(lambda: config.hydra.sweep.dir)
+        sweep_dir = claim_dirs(lambda: config.hydra.sweep.dir)
+        # Jobs a launcher runs in other processes (submitit) compose their config again: give them this launch's
+        # directory itself, not the resolver that names a new one per process.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={sweep_dir}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -9,14 +9,35 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
-def latent_size(num_frames: int, image_size: Any, downsample: Any) -> list[int]:
-    """[T, H, W] of the latent video for a clip of `num_frames` x `image_size` pixels."""
+def latent_size(num_frames: int, image_size: Any, downsample: Any, rounding: str = "exact") -> list[int]:
+    """[T, H, W] of the latent video for a clip of `num_frames` x `image_size` pixels.
+
+    rounding "exact" (STDiT: its patches tile the latent exactly) refuses a size the VAE factor does not divide;
+    "floor" (STDiT2, as Open-Sora 1.1's `get_latent_size`) takes size // factor, e.g. 240 x 426 -> 30 x 53 with
+    the SD VAE (the VAE then decodes 240 x 424)."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     dt, dh, dw = (1, downsample, downsample) if isinstance(downsample, int) else tuple(downsample)
+    if rounding not in ("exact", "floor"):
+        raise ValueError(f"latent_size rounding {rounding!r}: expected 'exact' or 'floor'")
     for name, size, factor in (("height", h, dh), ("width", w, dw), ("frames", num_frames, dt)):
-        if size % factor:
+        if size % factor and rounding == "exact":
             raise ValueError(f"data {name} {size} is not divisible by the VAE downsample factor {factor}")
+        if size < factor:
+            raise ValueError(f"data {name} {size} is smaller than the VAE downsample factor {factor}")
     return [num_frames // dt, h // dh, w // dw]
+
+
+def named_image_size(resolution: Any, aspect_ratio: Any, default: Any) -> Any:
+    """data.image_size from data.resolution + data.aspect_ratio (Open-Sora 1.1's tables, opensora/data/aspect.py:
+    240p + "9:16" -> [240, 426]); `default` when no resolution is named."""
+    if resolution is None:
+        return default
+    if aspect_ratio is None:
+        raise ValueError(f"data.resolution={resolution} needs data.aspect_ratio (an H:W name such as 9:16 for "
+                         "240 x 426, or a table key such as 0.56 or 1.0)")
+    from opensora.data.aspect import get_image_size
+
+    return list(get_image_size(str(resolution), aspect_ratio))
 
 
 def hf_config_value(folder: str, key: str) -> Any:
@@ -203,7 +224,9 @@ def _as_list(x: Any) -> Any:
 
 
 RESOLVERS = {
-    "latent_size": lambda t, s, d: latent_size(int(t), _as_list(s), _as_list(d)),
+    "latent_size": lambda t, s, d, rounding="exact": latent_size(int(t), _as_list(s), _as_list(d), str(rounding)),
+    "named_image_size": lambda r, a, d: named_image_size(r, a, _as_list(d)),
+    "floordiv": lambda a, b: int(a) // int(b),
     "hf_config": hf_config_value,
     "if_null": lambda value, default: default if value is None else value,
     "debug_model": debug_model,

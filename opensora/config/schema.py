@@ -267,6 +267,15 @@ class SampleTask:
     fps: int = rule(8, ge=1)
     upscale: int = rule(1, ge=1)
     evaluate: bool = False
+    # Open-Sora 1.1 (STDiT2) conditioning and loop generation (opensora/sampling/): per prompt, or one for all
+    reference_path: Any = None
+    mask_strategy: Any = None
+    loop: int = rule(1, ge=1)
+    condition_frame_length: int = rule(4, ge=1)
+    loop_reencode: bool = True
+    # Videos named after their prompts (<prompt>-<k>.mp4, VBench's layout) in save_dir; existing ones are skipped
+    name_by_prompt: bool = False
+    save_dir: Optional[str] = rule(None, path="parent")
 
 
 @dataclass
@@ -433,10 +442,63 @@ class DatautilTask(CsvToolTask):
     shard: Optional[int] = rule(None, ge=1)
 
 
+# Evaluation (opensora/tasks/eval_vae.py, eval_clip.py) and the data tools' CLIP scores (score_aesthetic.py,
+# score_match.py); the CLIP is the root's `clip` section (conf/clip/).
+
+
+@dataclass
+class LpipsWeights:
+    """LPIPS (AlexNet) is computed when both files are given."""
+
+    alexnet_path: Optional[str] = rule(None, path="file", help="torchvision's alexnet-owt-7be5be79.pth")
+    heads_path: Optional[str] = rule(None, path="file", help="the lpips package's weights/v0.1/alex.pth")
+    batch_size: int = rule(16, ge=1)
+
+
+@dataclass
+class EvalVaeTask:
+    _target_: str = "opensora.tasks.eval_vae.run"
+    csv_path: str = rule(MISSING, path="file")
+    video_folder: Optional[str] = rule(None, path="dir")
+    num_frames: int = rule(16, ge=1)
+    frame_interval: int = rule(1, ge=1)
+    image_size: Any = 256
+    sample_posterior: bool = False
+    batch_size: int = rule(1, ge=1)
+    num_workers: int = rule(2, ge=0)
+    lpips: LpipsWeights = field(default_factory=LpipsWeights)
+
+
+@dataclass
+class EvalClipTask:
+    _target_: str = "opensora.tasks.eval_clip.run"
+    samples_dir: Optional[str] = rule(None, path="dir", help="a samples folder written by task=sample")
+    csv_path: Optional[str] = rule(None, path="file")
+    video_folder: Optional[str] = rule(None, path="dir")
+    num_frames: Optional[int] = rule(None, ge=1, help="null: every frame")
+    num_workers: int = rule(2, ge=0)
+
+
+@dataclass
+class ScoreAestheticTask(CsvToolTask):
+    _target_: str = "opensora.tasks.score_aesthetic.run"
+    head_path: str = rule(MISSING, path="file", help="the LAION aesthetic head, sac+logos+ava1-l14-linearMSE.pth")
+    num_frames: int = rule(3, ge=1, le=3)
+    batch_size: int = rule(16, ge=1)
+
+
+@dataclass
+class ScoreMatchTask(CsvToolTask):
+    _target_: str = "opensora.tasks.score_match.run"
+    batch_size: int = rule(16, ge=1)
+
+
 TASKS = {"train": TrainTask, "eval_loss": EvalLossTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
          "embed_video": EmbedVideoTask, "scan_videos": ScanVideosTask, "convert": ConvertTask,
          "benchmark": BenchmarkTask, "scene_detect": SceneDetectTask, "scene_cut": SceneCutTask,
-         "camera_motion": CameraMotionTask, "flow_score": FlowScoreTask, "datautil": DatautilTask}
+         "camera_motion": CameraMotionTask, "flow_score": FlowScoreTask, "datautil": DatautilTask,
+         "eval_vae": EvalVaeTask, "eval_clip": EvalClipTask, "score_aesthetic": ScoreAestheticTask,
+         "score_match": ScoreMatchTask}
 
 
 # ================================================================
@@ -459,6 +521,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: Any = None
+    clip: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     stage: Optional[StageConfig] = None
     seed: int = rule(42, ge=0)

@@ -128,7 +128,7 @@ RULES: dict[str, dict] = {
     "scheduler.num_sampling_steps": dict(ge=1, help="null: the full diffusion"),
     "scheduler.diffusion_steps": dict(ge=1),
     "scheduler.cfg_scale": dict(ge=0),
-    "scheduler.ddim_eta": dict(ge=0),
+    "scheduler.sampler.eta": dict(ge=0),
     "vae.micro_batch_size": dict(ge=1),
     "text_encoder.model_max_length": dict(ge=1),
 }
@@ -136,8 +136,8 @@ RULES: dict[str, dict] = {
 # Keys of _target_ sections read by this project's code rather than passed to the target.
 CONFIG_ONLY: dict[str, set] = {"model": {"pretrained"}}
 # The _target_ sections whose keys are checked against their target's signature.
-TARGET_SECTIONS = ("model", "scheduler", "vae", "text_encoder", "data.dataset", "optim.optimizer",
-                   "optim.lr_schedule", "logger", "task.timestep_sampling", "parallel")
+TARGET_SECTIONS = ("model", "scheduler", "scheduler.sampler", "vae", "text_encoder", "data.dataset", "optim.optimizer",
+                   "optim.lr_schedule", "logger", "task.timestep_sampling", "parallel", "clip")
 
 
 def _typed_rules(cfg: DictConfig, prefix: str = "") -> Iterable[tuple[str, Any, dict]]:
@@ -213,8 +213,8 @@ def _variance(cfg) -> list[str]:
 @check
 def _patches(cfg) -> list[str]:
     """The latent video must split into whole patches (a tubelet model on other data is the usual cause)."""
-    if not builds(cfg, "model"):
-        return []
+    if not builds(cfg, "model") or str(value_of(cfg, "model._target_")).endswith("STDiT2"):
+        return []  # STDiT2 pads its input to the patch size
     size, patch = value_of(cfg, "model.input_size"), value_of(cfg, "model.patch_size")
     if not (isinstance(size, list) and isinstance(patch, list) and len(size) == len(patch) == 3):
         return []
@@ -284,7 +284,32 @@ def _model_files(cfg) -> list[str]:
         if isinstance(folder, str) and not Path(folder).exists() and _part_is_built(cfg, part):
             problems.append(f"{part}.from_pretrained={folder} does not exist: put the downloaded folder there "
                             f"(README, 'Original weights'), or set {part}.from_pretrained=PATH")
+    folder = value_of(cfg, "clip.from_pretrained")
+    if task in CLIP_TASKS and isinstance(folder, str) and not (Path(folder) / "config.json").is_file():
+        problems.append(f"clip.from_pretrained={folder} {'has no config.json' if Path(folder).is_dir() else 'does not exist'}"
+                        ": put a Hugging Face CLIPModel folder there, e.g. `huggingface-cli download "
+                        "openai/clip-vit-large-patch14 --local-dir models/clip-vit-large-patch14` (README, 'Evaluation'), "
+                        "or set clip.from_pretrained=PATH")
     return problems
+
+
+@check
+def _lpips(cfg) -> list[str]:
+    if task_name(cfg) != "eval_vae":
+        return []
+    given = {k: value_of(cfg, f"task.lpips.{k}") for k in ("alexnet_path", "heads_path")}
+    missing = [k for k, v in given.items() if v in (None, _UNSET)]
+    if len(missing) == 1:
+        have = next(k for k in given if k not in missing)
+        return [f"task.lpips.{missing[0]} is not set but task.lpips.{have} is: LPIPS needs both the AlexNet weights "
+                "(torchvision's alexnet-owt-7be5be79.pth) and the LPIPS heads (lpips' weights/v0.1/alex.pth); set "
+                "both, or neither (no LPIPS)"]
+    return []
+
+
+# The tasks that build a CLIP (the root's `clip` section), and those that build neither text encoder nor VAE.
+CLIP_TASKS = ("eval_clip", "score_aesthetic", "score_match")
+EVAL_TASKS = ("eval_vae",) + CLIP_TASKS
 
 
 def builds(cfg, section: str) -> bool:
@@ -308,11 +333,11 @@ def _part_is_built(cfg, part: str) -> bool:
     if part == "text_encoder":
         return not (value_of(cfg, "data.text_embed_folder") not in (None, _UNSET) and task == "train"
                     or value_of(cfg, "task.text_embed_folder") not in (None, _UNSET)
-                    or task in ("decode", "embed_video", "scan_videos", "benchmark")
+                    or task in ("decode", "embed_video", "scan_videos", "benchmark") + EVAL_TASKS
                     or task == "convert" and value_of(cfg, "task.component") != "text_encoder")
     return not (value_of(cfg, "data.video_embed_folder") not in (None, _UNSET) and task == "train"
                 or value_of(cfg, "task.save_latents") is True
-                or task in ("embed_text", "scan_videos", "benchmark")
+                or task in ("embed_text", "scan_videos", "benchmark") + CLIP_TASKS
                 or task == "convert" and value_of(cfg, "task.component") != "vae")
 
 
@@ -418,6 +443,59 @@ def _eval_loss(cfg) -> list[str]:
         problems.append("task.validate (the validation loss per bucket) is for bucketed data (data.bucket_config); "
                         "the fixed-size data evaluates with task.eval")
     return problems
+
+
+@check
+def _tracking(cfg) -> list[str]:
+    """logger.mode=online with a server that cannot be reached: said now, not after W&B's own 90 s timeout."""
+    if value_of(cfg, "logger.mode") != "online" or value_of(cfg, "logger.if_unreachable") != "fail":
+        return []
+    from opensora.logger.wandb import server_unreachable
+
+    problem = server_unreachable(float(value_of(cfg, "logger.reach_timeout_s") or 5.0))
+    if problem is None:
+        return []
+    return [f"logger.mode=online but {problem}: use logger.mode=offline (upload later with `wandb sync "
+            "<run>/wandb/offline-run-*`), logger=none, or logger.if_unreachable=offline to fall back to offline"]
+
+
+@check
+def _sample_request(cfg) -> list[str]:
+    """Open-Sora 1.1 sampling (an STDiT2 model): prompt options, mask strategies against the clip and the reference
+    files, loop settings and prompt file names, checked before any model is built (opensora/sampling/request.py)."""
+    if task_name(cfg) != "sample":
+        return []
+    problems = []
+    if value_of(cfg, "task.name_by_prompt") is True and value_of(cfg, "task.save_latents") is True:
+        problems.append("task.name_by_prompt=true names the decoded videos, but task.save_latents=true does not decode "
+                        "them: drop one (task=decode numbers the videos it decodes)")
+    from opensora.sampling.request import is_stdit2, prompt_name, request_problems
+
+    prompts = value_of(cfg, "task.prompts")
+    prompts = [str(p) for p in prompts] if isinstance(prompts, list) else []
+    path = value_of(cfg, "task.prompt_file")
+    if isinstance(path, str) and Path(path).is_file():
+        prompts += [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not is_stdit2(value_of(cfg, "model._target_")):  # STDiT 1.0: no prompt options; the task refuses
+        if value_of(cfg, "task.name_by_prompt") is True:  # conditioning settings, naming the keys
+            for i, p in enumerate(prompts):
+                try:
+                    prompt_name(p, i)
+                except ValueError as e:
+                    problems.append(str(e))
+        return problems
+    if not prompts:  # none given (cached captions, or the "no prompts" problem of _sample_source)
+        return problems
+    size = value_of(cfg, "model.input_size")
+    clip_frames = size[0] if isinstance(size, list) and size and isinstance(size[0], int) else None
+    loop, cfl = value_of(cfg, "task.loop"), value_of(cfg, "task.condition_frame_length")
+    if not (isinstance(loop, int) and isinstance(cfl, int)):
+        return problems
+    refs, strategies = value_of(cfg, "task.reference_path"), value_of(cfg, "task.mask_strategy")
+    return problems + request_problems(prompts, loop, cfl, None if refs is _UNSET else refs,
+                                       None if strategies is _UNSET else strategies, clip_frames,
+                                       value_of(cfg, "task.name_by_prompt") is True)
 
 
 @check

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import numpy as np
+
 # ----------------------------------------------------------------------------- the tables
 P_KEYS = ("0.38", "0.43", "0.48", "0.50", "0.53", "0.54", "0.56", "0.62", "0.67", "0.75",
           "1.00", "1.33", "1.50", "1.78", "1.89", "2.00", "2.08")
@@ -188,3 +190,11 @@ def untrained_size_warning(height: int, width: int) -> Optional[str]:
     return (f"image size {height}x{width} is not a trained Open-Sora 1.1 size (the models are trained only on "
             f"the aspect-ratio tables; other sizes often give noise); the nearest trained size is {h}x{w} "
             f"({name})")
+
+
+def as_size(image_size) -> tuple[int, int]:
+    """image_size (an int, or [H, W]) -> (H, W)."""
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    h, w = (int(v) for v in image_size)
+    return h, w

@@ -85,7 +85,12 @@ def check_meta(folder: str | os.PathLike, kind: str, expected: Mapping, config_k
         raise ValueError(f"{config_key}={folder} is a {meta.get('kind')!r} cache, expected a {kind!r} cache")
     saved = meta.get("settings", {})
     expected = {k: _plain(v) for k, v in expected.items()}  # config nodes (hydra.utils.instantiate) as plain values
-    diffs = [f"{k}: cache {saved.get(k)!r} vs config {v!r}" for k, v in expected.items()
+    # a fingerprint of files that do not exist yet (a tokenizer the run will train) cannot be compared
+    expected = {k: v for k, v in expected.items() if not (k.endswith("_fingerprint") and v is None)}
+    diffs = [f"{k}: cache {saved.get(k)!r} vs config {v!r}" + (
+                 " (the weights or tokenizer differ from those the cache was built with)"
+                 if k.endswith("_fingerprint") else "")
+             for k, v in expected.items()
              if json.loads(json.dumps(saved.get(k), default=str)) != json.loads(json.dumps(v, default=str))]
     if diffs:
         raise ValueError(f"{config_key}={folder} was built with different settings ({'; '.join(diffs)}); "
@@ -125,31 +130,79 @@ def _plain(node):
 
 
 def _name(path) -> Optional[str]:
-    """A model folder or file by its name (e.g. `t5-v1_1-xxl`), so a moved download still matches."""
+    """A model folder or file by its name (e.g. `t5-v1_1-xxl`), for the record."""
     return None if path is None else Path(str(path)).name
 
 
+# Files of a model folder that make up the model: weights, their index, the tokenizer, the config.
+FINGERPRINTED = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".model", ".json")
+_SAMPLE, _CHUNKS = 1 << 16, 16  # a large file is sampled: its start, end and 16 evenly spaced 64 KiB pieces
+
+
+def content_fingerprint(*paths) -> Optional[str]:
+    """A short hash of what `paths` (files, or folders: their model files) hold, so a cache is tied to the very
+    weights and tokenizer it was built with, not to a folder's name. Files up to 4 MiB are hashed whole; larger
+    ones (weights) by their size and sampled bytes, which costs milliseconds even for T5-XXL. None when a path
+    does not exist (nothing to compare yet, e.g. a tokenizer a run has not trained)."""
+    import hashlib
+
+    files = []
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(str(path))
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix in FINGERPRINTED)
+        elif p.is_file():
+            files.append(p)
+        else:
+            return None
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= 4 << 20:
+                h.update(fh.read())
+                continue
+            for k in range(_CHUNKS + 2):
+                fh.seek(0 if k == 0 else size - _SAMPLE if k == 1 else (size - _SAMPLE) * (k - 1) // (_CHUNKS + 1))
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
 def text_cache_settings(text_encoder) -> dict:
-    """What makes text embeddings interchangeable, from the `text_encoder` config: the encoder (its
-    folder name, or its random-init config and seed), model_max_length, output_dim and clean_caption."""
+    """What makes text embeddings interchangeable, from the `text_encoder` config: the encoder (the content
+    fingerprint of its folder's weights, tokenizer and config - for a random-init encoder the folder it saved
+    itself to beside its tokenizer), model_max_length, output_dim and clean_caption."""
     te = _plain(text_encoder)
     if te.get("from_pretrained"):
         ident = _name(te["from_pretrained"])
-    else:
+        fingerprint = content_fingerprint(te["from_pretrained"], te.get("tokenizer_path"))
+    else:  # a random-init encoder saves itself beside its tokenizer: the same folder t5_folder would load
         ident = {"target": te.get("_target_"), "config": te.get("config"), "seed": te.get("seed")}
-    return {"text_encoder": ident, "model_max_length": int(te["model_max_length"]),
+        tok = te.get("tokenizer_path")
+        saved = Path(str(tok)).parent if tok and (Path(str(tok)).parent / "config.json").is_file() else None
+        fingerprint = content_fingerprint(saved) if saved else content_fingerprint(tok)
+    return {"text_encoder": ident, "text_encoder_fingerprint": fingerprint,
+            "model_max_length": int(te["model_max_length"]),
             "output_dim": None if te.get("output_dim") is None else int(te["output_dim"]),
             "clean_caption": bool(te.get("clean_caption", False))}
 
 
 def video_cache_settings(data, vae) -> dict:
     """What makes video latents interchangeable, from the `data` and `vae` configs: frames, frame
-    interval, image size ([H, W]), the VAE (target and weights folder name), its scale factor and
-    whether it samples the posterior."""
-    from opensora.data.video import as_size
+    interval, image size ([H, W]), the VAE (target, and the content fingerprint of its weights and config), its
+    scale factor and whether it samples the posterior."""
+    from opensora.data.aspect import as_size
 
     data, vae = _plain(data), _plain(vae)
-    common = {"vae": {"target": vae.get("_target_"), "weights": _name(vae.get("from_pretrained"))},
+    weights = vae.get("from_pretrained")
+    config = Path(str(weights)).parent / "config.json" if weights and Path(str(weights)).is_file() else None
+    common = {"vae": {"target": vae.get("_target_"), "weights": _name(weights)},
+              "vae_fingerprint": content_fingerprint(weights, config) if weights else None,
               "scale_factor": vae.get("scale_factor"), "sample_posterior": bool(vae.get("sample_posterior", False))}
     if data.get("bucket_config") is not None:  # bucketed data: the latents of every bucket size (bucket_cache.py)
         buckets = {str(r): {str(t): v for t, v in ts.items()} for r, ts in data["bucket_config"].items()}

@@ -7,11 +7,13 @@ with the new columns to task.output_csv (default `<input>_<suffix>.csv` beside t
 the size columns (num_frames, height, width, aspect_ratio, fps) get them measured in the same pass, so
 the output always has the training columns. Relative paths are rewritten relative to the output's
 folder when it is another one. A row whose file fails is left out, counted, logged and
-listed with its error in `<output>_failed.csv`; it never stops the run.
+listed with its error in `<output>_failed.csv`; it never stops the run. `score_over_rows` does the same for
+a score computed by a model in this process (the CLIP scores), the workers decoding and preprocessing.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 from pathlib import Path
@@ -92,9 +94,15 @@ def add_columns(df: pd.DataFrame, files: Sequence[str], fn: Optional[Callable], 
     settings = {**settings, "check_decode": bool(check_decode)}
     results = map_rows(worker, files, list(zip(files, need_info)), output, settings, int(num_workers),
                        initializer=init_tool_worker, desc=desc)
+    return merge_results(df, files, results)
+
+
+def merge_results(df: pd.DataFrame, keys: Sequence, results: dict) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """(df's rows whose key succeeded, with the columns of their value dicts added; [(path, error)] of the rows
+    that failed), from `map_rows`' {key: (ok, value, error)}; row i's key is keys[i]."""
     keep, failed, new = [], [], []
-    for i, path in enumerate(files):
-        ok, value, error = results[path]
+    for i, key in enumerate(keys):
+        ok, value, error = results[key]
         if ok:
             keep.append(i)
             new.append(value)
@@ -110,6 +118,35 @@ def add_columns(df: pd.DataFrame, files: Sequence[str], fn: Optional[Callable], 
     return kept, failed
 
 
+def _load_row(load: Callable, check_decode: bool, item: tuple) -> tuple:
+    """(load(file, *args), the size columns when they are missing) of one row, in a worker."""
+    path, need_info, args = item
+    return load(path, *args), (media_info(path, check_decode) if need_info else {})
+
+
+def score_over_rows(task, load: Callable, load_args: Callable, score: Callable, column: str, suffix: str,
+                    settings: dict, desc: str, key_columns: Sequence[str] = ("path",), required: Sequence[str] = (),
+                    purpose: str = "") -> tuple[pd.DataFrame, Path]:
+    """`run_over_rows` for a score that needs a model: `load(file, *load_args(row))` in the workers (decode,
+    preprocess), `score([(key, payload), ...]) -> [float]` here on task.batch_size rows at a time
+    (`map_rows_batched`), written as the column `column`. Rows are keyed by their file and the other
+    `key_columns` (e.g. the caption: one video with two captions is scored twice)."""
+    from opensora.data.resumable import map_rows_batched
+
+    csv, df, folder, files, out = _inputs(task, suffix, required, purpose or desc)
+    keys = [json.dumps([f, *(str(df.at[i, c]) for c in key_columns if c != "path")]) for i, f in enumerate(files)]
+    items = [(f, need, tuple(load_args(df.iloc[i]))) for i, (f, need) in enumerate(zip(files, missing_info(df)))]
+
+    def score_rows(rows):
+        values = score([(k, payload) for k, (payload, _) in rows])
+        return [{column: float(v), **info} for (_, (_, info)), v in zip(rows, values)]
+
+    results = map_rows_batched(functools.partial(_load_row, load, False), score_rows, keys, items, out, settings,
+                               int(task.batch_size), int(task.num_workers), initializer=init_tool_worker, desc=desc)
+    kept, failed = merge_results(df, keys, results)
+    return finish(rebase_paths(kept, folder, out), failed, out, csv, desc), out
+
+
 def finish(kept: pd.DataFrame, failed: Sequence[tuple[str, str]], out: Path, csv, desc: str) -> pd.DataFrame:
     """Write the table (an empty `text` column added when the input had no captions) and the failed rows."""
     if "text" not in kept.columns:
@@ -123,16 +160,20 @@ def finish(kept: pd.DataFrame, failed: Sequence[tuple[str, str]], out: Path, csv
     return kept
 
 
+def _inputs(task, suffix: str, required: Sequence[str], purpose: str):
+    """(csv, its table, the folder of its relative paths, the row's files, the output path) of a row task."""
+    csv = task.csv_path
+    df = read_table(csv).reset_index(drop=True)
+    require_columns(df, required, csv, purpose)
+    folder = media_folder(csv, task.get("video_folder"))
+    return csv, df, folder, media_paths(df, folder), output_path(task, suffix)
+
+
 def run_over_rows(task, fn: Optional[Callable], suffix: str, settings: dict, desc: str,
                   required: Sequence[str] = (), purpose: str = "") -> tuple[pd.DataFrame, Path]:
     """Run `fn(file) -> {column: value}` over task.csv_path (see the module docstring); returns the written
     table and its path. `settings` (what changes the results) guard the resume log."""
-    csv = task.csv_path
-    df = read_table(csv).reset_index(drop=True)
-    require_columns(df, required, csv, purpose or desc)
-    folder = media_folder(csv, task.get("video_folder"))
-    files = media_paths(df, folder)
-    out = output_path(task, suffix)
+    csv, df, folder, files, out = _inputs(task, suffix, required, purpose or desc)
     kept, failed = add_columns(df, files, fn, missing_info(df).tolist(), out, settings, int(task.num_workers),
                                desc=desc)
     return finish(rebase_paths(kept, folder, out), failed, out, csv, desc), out

@@ -133,7 +133,7 @@ def cut_scenes(src: str, video: str, scenes: Sequence[Scene], fps: float, save_d
     [{"clip": path under save_dir, "scene_index", "scene_start", "scene_end" (s in the source)}]."""
     import imageio_ffmpeg
 
-    from opensora.utils.video_io import _atomic_write
+    from opensora.utils.tensor_files import atomic_write
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
     out = []
@@ -148,7 +148,7 @@ def cut_scenes(src: str, video: str, scenes: Sequence[Scene], fps: float, save_d
             if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
                 raise RuntimeError(f"ffmpeg failed on scene {idx} ({' '.join(proc.stdout.split())[:300]})")
 
-        _atomic_write(dst, cut)
+        atomic_write(dst, cut)
         out.append({"clip": name, "scene_index": idx, "scene_start": round(start / fps, 6),
                     "scene_end": round((start + n) / fps, 6)})
     return out

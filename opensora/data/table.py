@@ -73,10 +73,10 @@ def training_order(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, path) -> Path:
     """Write the table (training columns first) atomically: a killed write never leaves half a CSV."""
-    from opensora.utils.video_io import _atomic_write
+    from opensora.utils.tensor_files import atomic_write
 
     path = Path(path)
-    _atomic_write(path, lambda tmp: training_order(df).to_csv(tmp, index=False))
+    atomic_write(path, lambda tmp: training_order(df).to_csv(tmp, index=False))
     return path
 
 

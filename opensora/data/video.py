@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from opensora.data.aspect import as_size
 from opensora.data.cache import check_meta, load_text_embedding, read_index
 from opensora.data.loader import BadSampleError
 
@@ -114,14 +115,6 @@ def sample_frame_indices(total_frames: int, num_frames: int, frame_interval: int
     return np.linspace(start, end - 1, num_frames, dtype=int)
 
 
-def as_size(image_size) -> tuple[int, int]:
-    """image_size (an int or [H, W]) -> (H, W)."""
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    h, w = (int(v) for v in image_size)
-    return h, w
-
-
 def _linear_taps(in_size: int, scale: float, start: int, count: int, out_size: Optional[int] = None):
     """Source rows (i0, i1) and weights (w0, w1) of outputs start..start+count-1 of a bilinear resize by
     `scale` (torch interpolate, align_corners=False: src = (dst + 0.5) / scale - 0.5, clamped at 0). With
@@ -154,9 +147,14 @@ def resize_crop(frames: np.ndarray, size) -> np.ndarray:
     """uint8 frames [T, H, W, 3] -> float32 [T, h, w, 3] in [-1, 1]: bilinear resize of the short side (the
     frame covers `size`), center crop, (x / 255 - 0.5) / 0.5. Only the source rows / columns the crop needs
     are read and only the cropped pixels computed."""
-    frames = _check_rgb_frames(frames)
-    geo = resize_crop_geometry(frames.shape[1], frames.shape[2], size)
-    return _resized_crop(frames, as_size(size), (geo["scale"], geo["scale"]), geo["offset"])
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
+    t, h, w, _ = frames.shape
+    th, tw = as_size(size)
+    geo = resize_crop_geometry(h, w, (th, tw))
+    top, left = geo["offset"]
+    return bilinear_crop(frames, _linear_taps(h, geo["scale"], top, th), _linear_taps(w, geo["scale"], left, tw))
 
 
 def resize_crop_to_fill(frames: np.ndarray, size) -> np.ndarray:
@@ -164,7 +162,9 @@ def resize_crop_to_fill(frames: np.ndarray, size) -> np.ndarray:
     -> float32 [T, th, tw, 3] in [-1, 1]. The side needing the larger scale is resized to exactly its target,
     the other to round(side * that scale) (torch `interpolate(size=...)`, bilinear, align_corners=False: each
     axis scaled by target / source), then center-cropped at floor((resized - target) / 2)."""
-    frames = _check_rgb_frames(frames)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
     _, h, w, _ = frames.shape
     th, tw = as_size(size)
     rh, rw = th / h, tw / w
@@ -174,27 +174,14 @@ def resize_crop_to_fill(frames: np.ndarray, size) -> np.ndarray:
     else:
         sh, sw = round(h * rw), tw
         top, left = int(round(sh - th) / 2.0), 0
-    return _resized_crop(frames, (th, tw), (sh / h, sw / w), (top, left), (sh, sw))
+    return bilinear_crop(frames, _linear_taps(h, sh / h, top, th, sh), _linear_taps(w, sw / w, left, tw, sw))
 
 
-def _check_rgb_frames(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
-    return frames
-
-
-def _resized_crop(frames: np.ndarray, size: tuple[int, int], scales: tuple[float, float],
-                  offset: tuple[int, int], resized: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """The th x tw window at `offset` of the frames bilinearly resized by `scales` (per axis; or to the size
-    `resized`, with torch's coordinates of a resize to a size), in [-1, 1]; only the source rows / columns the
-    window needs are read."""
-    th, tw = size
-    top, left = offset
-    h, w = frames.shape[1:3]
-    sh, sw = resized if resized is not None else (None, None)
-    r0, r1, a0, a1 = _linear_taps(h, scales[0], top, th, sh)
-    c0, c1, b0, b1 = _linear_taps(w, scales[1], left, tw, sw)
+def bilinear_crop(frames: np.ndarray, rows, cols) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] -> float32 [T, h, w, 3] in [-1, 1] ((x / 255 - 0.5) / 0.5): the separable bilinear
+    resample with the (i0, i1, w0, w1) taps of `_linear_taps` for the output rows and columns. Only the source
+    window the taps read is touched."""
+    (r0, r1, a0, a1), (c0, c1, b0, b1) = rows, cols
     rlo, clo = int(r0.min()), int(c0.min())
     src = frames[:, rlo:int(r1.max()) + 1, clo:int(c1.max()) + 1]  # the window the crop reads
     r0, r1, c0, c1 = r0 - rlo, r1 - rlo, c0 - clo, c1 - clo

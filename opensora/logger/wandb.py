@@ -24,7 +24,7 @@ class NullLogger:
     def log_image(self, key: str, path: str, caption: str = "", step: Optional[int] = None) -> None:
         pass
 
-    def log_table(self, key: str, columns: list, rows: list, step: Optional[int] = None) -> None:
+    def log_table(self, key: str, table, step: Optional[int] = None) -> None:
         pass
 
     def summary(self, values: dict) -> None:
@@ -43,9 +43,22 @@ class WandbLogger(NullLogger):
 
     def __init__(self, project: str, entity: Optional[str] = None, group: Optional[str] = None,
                  name: Optional[str] = None, tags: Optional[list] = None, mode: str = "offline",
-                 dir: str = ".", run_config: Optional[dict] = None, resume_id: Optional[str] = None):
+                 dir: str = ".", run_config: Optional[dict] = None, resume_id: Optional[str] = None,
+                 if_unreachable: str = "fail", reach_timeout_s: float = 5.0):
         import wandb
 
+        if if_unreachable not in ("fail", "offline"):
+            raise ValueError(f"logger.if_unreachable={if_unreachable!r}: expected fail or offline")
+        if mode == "online":
+            problem = server_unreachable(float(reach_timeout_s))
+            if problem and if_unreachable == "fail":
+                raise ConnectionError(f"logger.mode=online but {problem}. Use logger.mode=offline (upload later with "
+                                      "`wandb sync <run>/wandb/offline-run-*`), logger=none, or "
+                                      "logger.if_unreachable=offline to fall back to offline mode")
+            if problem:
+                log.warning("%s: W&B falls back to offline mode (logger.if_unreachable=offline); upload later with "
+                            "`wandb sync %s/wandb/offline-run-*`", problem, dir)
+                mode = "offline"
         os.makedirs(dir, exist_ok=True)
         self._wandb = wandb
         self.run = wandb.init(
@@ -65,8 +78,9 @@ class WandbLogger(NullLogger):
     def log_image(self, key: str, path: str, caption: str = "", step: Optional[int] = None) -> None:
         self.run.log({key: self._wandb.Image(path, caption=caption)}, step=step)
 
-    def log_table(self, key: str, columns: list, rows: list, step: Optional[int] = None) -> None:
-        self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
+    def log_table(self, key: str, table, step: Optional[int] = None) -> None:
+        """A pandas DataFrame as a W&B Table."""
+        self.run.log({key: self._wandb.Table(dataframe=table)}, step=step)
 
     def summary(self, values: dict) -> None:
         for k, v in values.items():
@@ -76,6 +90,22 @@ class WandbLogger(NullLogger):
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def server_unreachable(timeout_s: float) -> Optional[str]:
+    """Why the W&B server (WANDB_BASE_URL, default https://api.wandb.ai) cannot be reached within `timeout_s`
+    (a TCP connection to it), or None when it can. W&B's own client waits about 90 s before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    parsed = urlparse(url)
+    host, port = parsed.hostname or url, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"the W&B server {url} cannot be reached within {timeout_s:g} s ({type(e).__name__}: {e})"
 
 
 def build_logger(cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0) -> NullLogger:

@@ -120,16 +120,19 @@ _BMM = ops.BatchMatMul()
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
 
 
-def scaled_dot_product_attention(q, k, v, scale, mask=None):
+def scaled_dot_product_attention(q, k, v, scale, mask=None, bias=None):
     """Math attention; scores q k^T and softmax in float32, probabilities @ v in q's dtype.
 
-    q [B, H, N, D], k/v [B, H, L, D], mask [B, L] (1 = key may be attended) or None.
+    q [B, H, N, D], k/v [B, H, L, D], mask [B, L] (1 = key may be attended) or None, bias: float32 added
+    to the scores before the softmax (broadcast to [B, H, N, L], e.g. a causal mask [1, 1, N, L]) or None.
     A query row whose keys are all masked gets a zero output.
     Returns [B, H, N, D] in q's dtype.
     """
     dtype = q.dtype
     q = ops.cast(q, ms.float32) * scale
     attn = _BMM_NT(q, ops.cast(k, ms.float32))  # [B, H, N, L]
+    if bias is not None:
+        attn = attn + bias
     if mask is not None:
         keep = ops.cast(mask, ms.bool_)[:, None, None, :]  # [B, 1, 1, L]
         attn = ops.masked_fill(attn, ops.logical_not(keep), -65504.0)  # finite even in fp16: no NaN

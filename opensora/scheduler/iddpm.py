@@ -7,6 +7,7 @@ from mindspore import ops
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
+from .samplers import make_sampler
 
 
 def _double_batch(name, value, b):
@@ -55,11 +56,12 @@ class IDDPM(SpacedDiffusion):
     """Improved-DDPM diffusion as configured by Open-Sora (`scheduler/iddpm.yaml`).
 
     :param num_sampling_steps: None -> the full `diffusion_steps` diffusion (training); N -> respaced to
-        N steps: space_timesteps(T, "N") (even sections, the original's respacing: 10 -> 0, 111, ..., 999), or
-        with sampler "ddim" and timestep_spacing "stride" the DDIM paper's stride ("ddimN": 0, 100, ..., 900).
+        N steps as the sampler says (even sections, the original's respacing: 10 -> 0, 111, ..., 999; DDIM with
+        timestep_spacing "stride": the DDIM paper's stride, 0, 100, ..., 900).
     :param timestep_respacing: explicit respacing instead (exclusive with num_sampling_steps).
     :param cfg_scale / cfg_channel: classifier-free guidance defaults of `sample`.
-    :param sampler: "ancestral" (p_sample_loop) or "ddim" (ddim_sample_loop with `ddim_eta`).
+    :param sampler: a sampler (opensora/scheduler/samplers.py: AncestralSampler, DDIMSampler; configs give it as
+        scheduler/sampler=ancestral|ddim), or its name "ancestral" / "ddim" with `ddim_eta`, `timestep_spacing`.
     :param exact_conditioning: sampling with a frame mask: False = the original (frames of mask 0 are
         re-noised at the last step, t = 0, and denoised once: they come out within
         sqrt(1/abar_0 - 1) |eps - eps_model| = 0.01 |eps - eps_model| of the reference); True = they
@@ -83,17 +85,12 @@ class IDDPM(SpacedDiffusion):
         clip_denoised=False,
         exact_conditioning=False,
     ):
-        if sampler not in ("ancestral", "ddim"):
-            raise ValueError(f"scheduler.sampler={sampler!r}: expected 'ancestral' or 'ddim'")
-        if timestep_spacing not in ("sections", "stride"):
-            raise ValueError(f"scheduler.timestep_spacing={timestep_spacing!r}: expected 'sections' (the original) "
-                             "or 'stride' (DDIM's fixed stride)")
+        sampler = make_sampler(sampler, ddim_eta, timestep_spacing)
         betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
-            stride = sampler == "ddim" and timestep_spacing == "stride"
-            timestep_respacing = f"ddim{num_sampling_steps}" if stride else str(num_sampling_steps)
+            timestep_respacing = sampler.respacing(int(num_sampling_steps))
         if timestep_respacing is None or timestep_respacing == "":
             timestep_respacing = [diffusion_steps]
         if learn_sigma:
@@ -109,7 +106,6 @@ class IDDPM(SpacedDiffusion):
         self.cfg_scale = cfg_scale
         self.cfg_channel = cfg_channel
         self.sampler = sampler
-        self.ddim_eta = ddim_eta
         # Clamp each predicted x0 to [-1, 1] while sampling: off for latent models (the original),
         # useful for pixel-space models whose data lives in [-1, 1].
         self.clip_denoised = clip_denoised
@@ -139,7 +135,5 @@ class IDDPM(SpacedDiffusion):
             return forward_with_cfg(model, x, t, y, mask, y_null, cfg_scale, cfg_channel,
                                     model_kwargs={**extra, **step_kwargs})
 
-        kwargs = dict(noise=noise, clip_denoised=self.clip_denoised, progress=progress, frame_mask=frame_mask)
-        if self.sampler == "ddim":
-            return self.ddim_sample_loop(guided, tuple(shape), eta=self.ddim_eta, **kwargs)
-        return self.p_sample_loop(guided, tuple(shape), **kwargs)
+        return self.sampler.loop(self, guided, shape, noise=noise, clip_denoised=self.clip_denoised, progress=progress,
+                                 frame_mask=frame_mask)

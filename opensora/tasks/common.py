@@ -109,58 +109,76 @@ def batched(items: Sequence, n: int):
 
 
 def sample_latents(model, text_encoder, diffusion, prompts: Sequence[str], latent_shape: Sequence[int],
-                   batch_size: int, seed: int, progress: bool = True):
+                   batch_size: int, seed: int, progress: bool = True, indices: Optional[Sequence[int]] = None,
+                   model_kwargs: Optional[dict] = None):
     """Sample one latent per prompt, batch by batch: yields [n, C, T, H, W] float32 arrays.
 
     `latent_shape` is [C, T, H, W]; `text_encoder` is anything with `encode(prompts) -> {"y", "mask"}`
     (a T5Embedder, or cached embeddings). Noise for prompt i is drawn from `default_rng(seed + i)`,
-    so a sample does not depend on which other prompts share its batch. Batches are padded to
-    `batch_size` so the compiled model graph is reused.
+    so a sample does not depend on which other prompts share its batch; `indices` gives each prompt's i
+    (default 0, 1, ...; a resumed run passes the positions of the samples it still has to make). Batches are
+    padded to `batch_size` so the compiled model graph is reused. `model_kwargs`: further model inputs of every
+    batch (arrays with batch_size rows, e.g. STDiT2's `size_conditions`), doubled for guidance by the sampler.
     """
     model.set_train(False)
     null = model.get_null_y()
+    extra = {k: ms.Tensor(np.asarray(v)) for k, v in (model_kwargs or {}).items()} or None
+    indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         padded = chunk + [chunk[-1]] * (batch_size - n)
         emb = text_encoder.encode(padded)
-        noise = np.stack([np.random.default_rng(seed + start + i).standard_normal(tuple(latent_shape))
-                          for i in range(batch_size)]).astype(np.float32)
+        ids = indices[start:start + n]
+        ids = ids + [ids[-1]] * (batch_size - n)
+        noise = np.stack([np.random.default_rng(seed + i).standard_normal(tuple(latent_shape))
+                          for i in ids]).astype(np.float32)
         z = diffusion.sample(model, shape=noise.shape, y=ms.Tensor(emb["y"]), mask=ms.Tensor(emb["mask"]),
-                             y_null=null, noise=ms.Tensor(noise), progress=progress)
+                             y_null=null, noise=ms.Tensor(noise), progress=progress,
+                             **({"model_kwargs": extra} if extra else {}))
         z = z.asnumpy() if hasattr(z, "asnumpy") else np.asarray(z)
         yield z[:n].astype(np.float32)
 
 
 def generate(model, text_encoder, vae, diffusion, prompts: Sequence[str], latent_size: Sequence[int],
-             batch_size: int, seed: int, progress: bool = True) -> list[np.ndarray]:
+             batch_size: int, seed: int, progress: bool = True,
+             model_kwargs: Optional[dict] = None) -> list[np.ndarray]:
     """Sample one video per prompt (`sample_latents`, then `vae.decode` per batch); returns
-    [C, T, H, W] float arrays in [-1, 1]. `latent_size` is [T, H, W]."""
+    [C, T, H, W] float arrays in [-1, 1]. `latent_size` is [T, H, W]; model_kwargs: see sample_latents."""
     videos = []
     shape = [vae.latent_channels, *latent_size]
-    for z in sample_latents(model, text_encoder, diffusion, prompts, shape, batch_size, seed, progress):
+    for z in sample_latents(model, text_encoder, diffusion, prompts, shape, batch_size, seed, progress,
+                            model_kwargs=model_kwargs):
         videos.extend(np.asarray(vae.decode(z), dtype=np.float32))
     return videos
 
 
 def save_samples(videos: Sequence[np.ndarray], prompts: Sequence[str], out_dir: Path, fps: int, upscale: int,
-                 logger=None, step: Optional[int] = None, prefix: str = "samples") -> list[Path]:
-    """One mp4 per video, a grid GIF of all; logged to W&B when a logger is given."""
-    from opensora.utils.video_io import save_grid, save_video, to_uint8_frames
+                 logger=None, step: Optional[int] = None, prefix: str = "samples",
+                 still_as_png: bool = False) -> list[Path]:
+    """One mp4 per video (a png per 1-frame video with `still_as_png`, as Open-Sora 1.1 saves images), a grid
+    GIF of all; logged to W&B when a logger is given."""
+    from opensora.utils.video_io import save_grid, save_image, save_video, to_uint8_frames
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = [to_uint8_frames(v) for v in videos]
     paths = []
     for i, (f, p) in enumerate(zip(frames, prompts)):
         slug = "".join(ch if ch.isalnum() else "-" for ch in p.lower())[:60].strip("-")
-        paths.append(Path(save_video(f, out_dir / f"{i:03d}-{slug}.mp4", fps=fps, upscale=upscale)))
+        if still_as_png and f.shape[0] == 1:
+            paths.append(Path(save_image(f[0], out_dir / f"{i:03d}-{slug}.png", upscale=upscale)))
+        else:
+            paths.append(Path(save_video(f, out_dir / f"{i:03d}-{slug}.mp4", fps=fps, upscale=upscale)))
     grid = Path(save_grid(frames, out_dir / "grid.gif", fps=fps, upscale=upscale))
     with open(out_dir / "prompts.json", "w") as f:
         json.dump([{"prompt": p, "video": v.name} for p, v in zip(prompts, paths)], f, indent=1)
     if logger is not None:
         logger.log_video(f"{prefix}/grid", str(grid), caption=" | ".join(prompts), step=step, fps=fps)
         for p, v in zip(prompts, paths):
-            logger.log_video(f"{prefix}/video", str(v), caption=p, step=step, fps=fps)
+            if v.suffix == ".png":
+                logger.log_image(f"{prefix}/image", str(v), caption=p, step=step)
+            else:
+                logger.log_video(f"{prefix}/video", str(v), caption=p, step=step, fps=fps)
     log.info("saved %d videos and %s", len(paths), grid)
     return paths
 
@@ -194,12 +212,14 @@ def score_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequen
 
 
 def publish_samples(cfg: DictConfig, videos: Sequence[np.ndarray], prompts: Sequence[str], out: Path, fps: int,
-                    upscale: int, logger, evaluate: bool) -> dict:
-    """Save (and log) the videos of a sample/decode run; with `evaluate`, score them, put the scores in the run
-    summary and return them ({} otherwise)."""
-    save_samples(videos, prompts, out / "samples", fps, upscale, logger)
+                    upscale: int, logger, evaluate: bool, still_as_png: bool = False,
+                    folder: Optional[Path] = None) -> dict:
+    """Save (and log) the videos of a sample/decode run in `folder` (default <out>/samples); with `evaluate`,
+    score them, put the scores in the run summary and return them ({} otherwise)."""
+    folder = out / "samples" if folder is None else Path(folder)
+    save_samples(videos, prompts, folder, fps, upscale, logger, still_as_png=still_as_png)
     if not evaluate:
         return {}
-    result = score_samples(cfg, videos, prompts, out / "samples", logger)
+    result = score_samples(cfg, videos, prompts, folder, logger)
     logger.summary(result)
     return result

@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
             x = vae.decode(np.stack(latents[start:end]))  # [n, C, T, H, W] -> [n, 3, T', H', W']
             videos.extend(np.asarray(x, dtype=np.float32))
         log.info("decoded %d latents from %s", len(videos), folder)
-        metric = publish_samples(cfg, videos, prompts, out, fps, upscale, logger, bool(task.evaluate))
+        metric = publish_samples(cfg, videos, prompts, out, fps, upscale, logger, bool(task.evaluate),
+                                 still_as_png=bool(settings.get("still_as_png", False)))  # 1.1: images as png
         exit_code = 0
     finally:
         logger.finish(exit_code)

@@ -23,10 +23,16 @@ from opensora.tasks.common import batched, build_text_encoder, read_prompts, rec
 log = logging.getLogger(__name__)
 
 
-def text_entries(task: DictConfig) -> tuple[pd.DataFrame, str]:
-    """(rows with caption, path [, video], source description) of what to embed."""
+def text_entries(task: DictConfig, prompt_syntax: bool = False) -> tuple[pd.DataFrame, str]:
+    """(rows with caption, path [, video], source description) of what to embed. With `prompt_syntax` (an STDiT2
+    run: Open-Sora 1.1 prompts), each prompt's per-loop texts without its JSON options."""
     if task.get("prompts") or task.get("prompt_file"):
-        prompts = list(dict.fromkeys(read_prompts(task.prompts, task.prompt_file)))
+        prompts = read_prompts(task.prompts, task.prompt_file)
+        if prompt_syntax:
+            from opensora.sampling.request import prompt_texts
+
+            prompts = [t for j, p in enumerate(prompts) for t in prompt_texts(p, j)]
+        prompts = list(dict.fromkeys(prompts))
         rows = pd.DataFrame({"caption": prompts, "path": [f"{i:06d}.npz" for i in range(len(prompts))]})
         return rows, "prompts"
     csv = task.get("csv_path")
@@ -62,11 +68,13 @@ def run(cfg: DictConfig) -> dict:
     folder = Path(task.output_dir)
     out = run_dir(cfg)
     record_run(cfg, out)
-    rows, source = text_entries(task)
-    settings = text_cache_settings(cfg.text_encoder)
+    from opensora.sampling.request import is_stdit2
+
+    rows, source = text_entries(task, is_stdit2(OmegaConf.select(cfg, "model._target_")))
+    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
+    settings = text_cache_settings(cfg.text_encoder)  # now that its files (a trained tokenizer) exist
     if read_meta(folder) is not None and not task.overwrite:
         check_meta(folder, "text", settings, "task.output_dir")  # adding to a cache of the same encoder only
-    text_encoder = build_text_encoder(cfg, captions=rows["caption"].tolist())
     info = {**settings, "from_pretrained": OmegaConf.select(cfg, "text_encoder.from_pretrained"),
             "dtype": OmegaConf.select(cfg, "text_encoder.dtype"), "source": source}
     write_meta(folder, "text", info)

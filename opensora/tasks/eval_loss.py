@@ -67,8 +67,9 @@ def run(cfg: DictConfig) -> dict:
         table = format_table(results, evaluator.timesteps)
         print(f"\nvalidation loss of {loaded}:\n{table}", flush=True)
         csv, png = save_results(results, evaluator.timesteps, out, f"validation loss: {Path(str(loaded)).name}")
-        columns = list(results[0]) if results else []
-        logger.log_table("eval/loss_by_bucket", columns, [[r[c] for c in columns] for r in results])
+        import pandas as pd
+
+        logger.log_table("eval/loss_by_bucket", pd.DataFrame(results))
         logger.log_image("eval/loss_by_bucket_plot", str(png))
         metrics = evaluator.metrics(results, prefix="eval")
         metrics["eval/bad_samples"] = len(evaluator.bad)

@@ -1,11 +1,18 @@
 """Sample task: prompts -> text embeddings -> diffusion sampling with CFG -> decode -> videos.
 
+STDiT (Open-Sora 1.0) samples text-to-video at the configured size. STDiT2 (Open-Sora 1.1) adds any size
+(data.resolution + data.aspect_ratio or data.image_size, data.num_frames; 1 frame = text-to-image), the size /
+aspect-ratio / fps conditioning, reference images and videos with mask strategies, per-loop prompts and loop
+generation (opensora/sampling/). Either model can name videos after their prompts (task.name_by_prompt,
+VBench's layout) and skip the ones that exist, so a long generation resumes after a kill.
+
 Staged (one model in memory at a time): `task=embed_text` writes the embeddings, this task reads
 them (task.text_embed_folder) and saves latents (task.save_latents), `task=decode` decodes them.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -116,23 +123,108 @@ def write_latents(folder: Path, latents: Sequence[np.ndarray], prompts: Sequence
     log.info("saved %d latents %s to %s", len(rows), list(latents[0].shape) if len(latents) else [], folder)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One video a run makes: its position in the run's list of samples (its noise seeds), its prompt and sample
+    number, and its file stem when videos are named after prompts."""
+
+    index: int
+    prompt: int
+    k: int
+    name: Optional[str] = None
+
+
+def plan_outputs(num_prompts: int, num_samples: int, names: Optional[Sequence[str]] = None) -> list[Output]:
+    """Every (prompt, k) in order, index = prompt * num_samples + k; with `names`, stems "<name>-<k>" (VBench's
+    `-0`, `-1`, ...), a repeated prompt kept once."""
+    outs, seen = [], set()
+    for j in range(num_prompts):
+        for k in range(num_samples):
+            name = None if names is None else f"{names[j]}-{k}"
+            if name is not None and name in seen:
+                continue
+            seen.add(name)
+            outs.append(Output(j * num_samples + k, j, k, name))
+    dropped = num_prompts * num_samples - len(outs)
+    if dropped:
+        log.info("%d samples of repeated prompts dropped (they would have the same file names)", dropped)
+    return outs
+
+
+def missing_outputs(outs: Sequence[Output], folder: Path, suffix: str) -> list[Output]:
+    """The named outputs whose file `folder` does not hold yet (all of them when unnamed)."""
+    todo = [o for o in outs if o.name is None or not (folder / f"{o.name}{suffix}").is_file()]
+    if len(todo) < len(outs):
+        log.info("%d of %d videos already in %s: skipped (delete them to make them again)", len(outs) - len(todo),
+                 len(outs), folder)
+    return todo
+
+
+def save_named(videos: Sequence[np.ndarray], outs: Sequence[Output], folder: Path, fps: int, upscale: int,
+               still_as_png: bool) -> list[Path]:
+    """Save each video as <folder>/<name>.mp4 (a 1-frame one as .png with still_as_png); each file appears
+    whole (written under a temporary name, then renamed), so a kill leaves none half-written."""
+    from opensora.utils.video_io import save_image, save_video, to_uint8_frames
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for v, o in zip(videos, outs):
+        frames = to_uint8_frames(v)
+        if still_as_png and frames.shape[0] == 1:
+            paths.append(Path(save_image(frames[0], folder / f"{o.name}.png", upscale=upscale)))
+        else:
+            paths.append(Path(save_video(frames, folder / f"{o.name}.mp4", fps=fps, upscale=upscale)))
+    return paths
+
+
+def refuse_conditioning(cfg: DictConfig) -> None:
+    """Settings only STDiT2 takes, given for another model: an error naming them."""
+    task = cfg.task
+    given = [k for k in ("reference_path", "mask_strategy") if task.get(k) is not None]
+    if int(task.get("loop", 1)) != 1:
+        given.append("loop")
+    if given:
+        raise ValueError(f"{', '.join('task.' + k for k in given)}: conditioning and loop generation are Open-Sora "
+                         f"1.1's and need an STDiT2 model (model=stdit2_xl2, e.g. experiment=sample_v1_1); "
+                         f"model={cfg.model._target_} takes none of them")
+
+
 def run(cfg: DictConfig) -> dict:
     """Sample videos; with task.text_embed_folder the text encoder is not built (cached embeddings),
     with task.save_latents the VAE is not built (latents saved for task=decode)."""
+    from opensora.sampling.request import is_stdit2
+
     task = cfg.task
     embed_folder = task.get("text_embed_folder")
     keep_latents = bool(task.get("save_latents", False))
     if keep_latents and task.evaluate:
         raise ValueError("task.evaluate=true needs decoded videos but task.save_latents=true skips decoding: "
                          "evaluate in task=decode instead")
+    if is_stdit2(cfg.model._target_):
+        from opensora.tasks.sample_stdit2 import run_stdit2
+
+        return run_stdit2(cfg)
+    refuse_conditioning(cfg)
     out = run_dir(cfg)
     record_run(cfg, out)
+    folder = Path(task.save_dir) if task.get("save_dir") else out / "samples"
     if embed_folder:
         text_encoder = CachedTextEmbeddings(embed_folder, cfg.model.caption_channels, cfg.model.model_max_length,
                                             text_cache_settings(cfg.text_encoder))
         prompts = text_encoder.select(task.prompts, task.prompt_file)
     else:
         prompts = read_prompts(task.prompts, task.prompt_file)
+    by_prompt = bool(task.get("name_by_prompt", False))
+    if by_prompt:
+        from opensora.sampling.request import prompt_name
+
+        outs = plan_outputs(len(prompts), int(task.num_samples_per_prompt),
+                            [prompt_name(p, j) for j, p in enumerate(prompts)])
+        outs = missing_outputs(outs, folder, ".mp4")
+        if not outs:
+            log.info("every video is in %s: nothing to sample", folder)
+            return {}
+    if not embed_folder:
         text_encoder = build_text_encoder(cfg)
     vae = None if keep_latents else instantiate(cfg.vae)
     model = build_model(cfg, with_pretrained=False)
@@ -140,12 +232,25 @@ def run(cfg: DictConfig) -> dict:
     log.info("weights from %s", loaded)
     sampler = instantiate(cfg.scheduler)
     shape = [int(model.in_channels), *(int(v) for v in cfg.model.input_size)]  # [C, T, H, W]
-    prompts = [p for p in prompts for _ in range(int(task.num_samples_per_prompt))]
 
     logger = build_logger(cfg)
     exit_code = 1
     try:
         metric = {}
+        if by_prompt:  # each batch saved as it is done, so a killed run keeps what it made
+            todo = [prompts[o.prompt] for o in outs]
+            batches = sample_latents(model, text_encoder, sampler, todo, shape, int(task.batch_size), int(cfg.seed),
+                                     indices=[o.index for o in outs])
+            start = 0
+            for batch in batches:
+                chunk = outs[start:start + len(batch)]
+                start += len(batch)
+                save_named([np.asarray(v, np.float32) for v in vae.decode(batch)], chunk, folder, int(task.fps),
+                           int(task.upscale), still_as_png=False)
+            log.info("saved %d videos in %s", len(outs), folder)
+            exit_code = 0
+            return metric
+        prompts = [p for p in prompts for _ in range(int(task.num_samples_per_prompt))]
         batches = sample_latents(model, text_encoder, sampler, prompts, shape, int(task.batch_size), int(cfg.seed))
         if keep_latents:
             latents = [z for batch in batches for z in batch]
@@ -166,7 +271,7 @@ def run(cfg: DictConfig) -> dict:
         else:
             videos = [np.asarray(v, dtype=np.float32) for batch in batches for v in vae.decode(batch)]
             metric = publish_samples(cfg, videos, prompts, out, int(task.fps), int(task.upscale), logger,
-                                     bool(task.evaluate))
+                                     bool(task.evaluate), folder=folder)
         exit_code = 0
     finally:
         logger.finish(exit_code)

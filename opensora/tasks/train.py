@@ -39,10 +39,12 @@ def earlier_run_message(out, earlier: list) -> str:
 
 def report_buckets(loader, logger, step: int) -> None:
     """The bucket report in the log and, as a table, in W&B."""
+    import pandas as pd
+
     text, rows = loader.report()
     log.info("%s", text)
-    logger.log_table("data/buckets", ["resolution", "frames", "ar", "height", "width", "batch_size", "samples",
-                                      "trained"], rows, step=step)
+    logger.log_table("data/buckets", pd.DataFrame(rows, columns=["resolution", "frames", "ar", "height", "width",
+                                                                 "batch_size", "samples", "trained"]), step=step)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -89,6 +89,15 @@ def save_video(frames, path, fps: int = 8, upscale: int = 1) -> str:
     return _atomic_write(path, write)
 
 
+def save_image(frame, path, upscale: int = 1) -> str:
+    """Write one uint8 frame [H, W, 3] as a PNG (upscaled `upscale` times, nearest neighbour); returns the path.
+    Written to a temp file, then renamed."""
+    import imageio.v3 as iio
+
+    frame = _upscale(_check_frames(np.asarray(frame)[None]), int(upscale))[0]
+    return _atomic_write(path, lambda tmp: iio.imwrite(tmp, frame, extension=".png"))
+
+
 # Set in data-loader worker processes, which never load MindSpore (see `_decord`).
 DECORD_WITHOUT_MINDSPORE = False
 

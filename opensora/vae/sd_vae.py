@@ -158,18 +158,21 @@ class VideoAutoencoderKL:
 
     # ------------------------------------------------------------ interface
 
-    def latent_dist(self, x) -> DiagonalGaussianDistribution:
-        """The posterior of each frame: mean / logvar / std shaped [B, latent, T, h, w] (unscaled)."""
+    def latent_dist(self, x, strict_size: bool = True) -> DiagonalGaussianDistribution:
+        """The posterior of each frame: mean / logvar / std shaped [B, latent, T, h, w] (unscaled). strict_size=False
+        accepts frames the downsample factor does not divide, as diffusers does (each downsampling halves with
+        floor: 240 x 426 -> 30 x 53, what Open-Sora 1.1 gets for its table sizes)."""
         x = self._numpy(x)
-        self._check(x, self.config.in_channels, "encode", self.config.spatial_downsample)
+        self._check(x, self.config.in_channels, "encode", self.config.spatial_downsample if strict_size else 1)
         moments = self._unfold(self._run(self._encode_net, self._fold(x)), x.shape[0])
         return DiagonalGaussianDistribution(moments, axis=1)
 
-    def encode(self, x, rng: Optional[np.random.Generator] = None, noise: Optional[np.ndarray] = None) -> np.ndarray:
+    def encode(self, x, rng: Optional[np.random.Generator] = None, noise: Optional[np.ndarray] = None,
+               strict_size: bool = True) -> np.ndarray:
         """Videos [B, in, T, H, W] in [-1, 1] -> scaled latents [B, latent, T, H/f, W/f] float32. With
         sample_posterior, z = mean + std * noise: the given `noise` (the train task draws it from its own RNG for
-        the global batch), else drawn from `rng` (default: this VAE's seeded RNG)."""
-        dist = self.latent_dist(x)
+        the global batch), else drawn from `rng` (default: this VAE's seeded RNG). strict_size: see latent_dist."""
+        dist = self.latent_dist(x, strict_size)
         if not self.sample_posterior:
             z = dist.mean
         elif noise is not None:
