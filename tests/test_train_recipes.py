@@ -35,8 +35,9 @@ def compose_with_hydra(overrides):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
-def test_every_train_recipe_is_checked_here():
-    assert sorted(p.stem for p in (CONF / "experiment").glob("train_*.yaml")) == sorted(SPEC)
+def test_every_train_recipe_is_checked_here():  # (the Open-Sora 1.1 stages: tests/test_train_v1_1.py)
+    assert sorted(p.stem for p in (CONF / "experiment").glob("train_*.yaml") if not p.stem.startswith("train_v1_1")) \
+        == sorted(SPEC)
 
 
 @pytest.mark.parametrize("name", sorted(SPEC))

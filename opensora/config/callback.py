@@ -45,7 +45,7 @@ def prepare(config: DictConfig) -> None:
         if problem:
             raise ValueError(problem)
         NOTES["resume_changes"] = rebuild_for_resume(config, overrides)["changes"]
-    elif task_name(config) == "sample" and config.task.get("run"):
+    elif task_name(config) in ("sample", "eval_loss") and config.task.get("run"):
         rebuild_for_sampling(config, overrides, set(config.hydra.runtime.choices.keys()))
     NOTES["warnings"] = validate(config)
     if task_name(config) == "train" and config.get("resume") is None and config.hydra.mode == RunMode.RUN:

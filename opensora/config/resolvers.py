@@ -213,6 +213,12 @@ def sweep_name() -> Optional[str]:
         return None
 
 
+def debug_model(data_choice: str) -> str:
+    """The tiny model debug=fast trains on the data of a `data=` choice: STDiT2 on bucketed data (variable_csv,
+    whose size conditioning only STDiT2 takes), STDiT otherwise."""
+    return "stdit2_tiny" if str(data_choice) == "variable_csv" else "stdit_tiny"
+
+
 def _as_list(x: Any) -> Any:
     return list(x) if isinstance(x, Sequence) and not isinstance(x, str) else x
 
@@ -223,6 +229,7 @@ RESOLVERS = {
     "floordiv": lambda a, b: int(a) // int(b),
     "hf_config": hf_config_value,
     "if_null": lambda value, default: default if value is None else value,
+    "debug_model": debug_model,
     "launch_time": launch_time,
     "unique_dir": unique_dir,
     "run_dir_of": run_dir_of,

@@ -26,7 +26,7 @@ RECORD = ".hydra/config.yaml"
 REFUSED = ("model.", "vae._target_", "vae.from_pretrained", "vae.latent_channels", "vae.downsample",
            "vae.scale_factor", "text_encoder._target_", "text_encoder.from_pretrained", "text_encoder.config.",
            "text_encoder.model_max_length", "text_encoder.clean_caption", "data.num_frames", "data.image_size",
-           "data.frame_interval", "scheduler.diffusion_steps", "scheduler.noise_schedule",
+           "data.frame_interval", "data.ar_condition", "data.fps_condition", "scheduler.diffusion_steps", "scheduler.noise_schedule",
            "scheduler.predict_xstart", "scheduler.learn_sigma", "seed")
 # ... except these, which change how the same model runs, not what it is.
 ALLOWED_IN_REFUSED = ("model.pretrained", "model.recompute_blocks", "model.enable_flashattn", "model.dtype")

@@ -87,6 +87,16 @@ class Direction(StrEnum):
     maximize = "maximize"
 
 
+class ShapeMode(StrEnum):
+    per_shape = "per_shape"
+    dynamic = "dynamic"
+
+
+class MicroBatchWeight(StrEnum):
+    equal = "equal"
+    samples = "samples"
+
+
 class Component(StrEnum):
     model = "model"
     text_encoder = "text_encoder"
@@ -188,7 +198,47 @@ class EvalConfig:
 
 
 @dataclass
+class LossEvalConfig:
+    """The validation loss per bucket and timestep (opensora/eval/loss.py): a validation CSV, its files' folder and
+    cached caption embeddings, the buckets (null: data.bucket_config), how many timesteps, at most how many samples
+    per bucket, how the graph is compiled for the buckets' shapes."""
+
+    csv_path: Optional[str] = rule(None, path="file")
+    video_folder: Optional[str] = rule(None, path="dir")
+    text_embed_folder: Optional[str] = rule(None, path="dir")
+    bucket_config: Any = None
+    num_timesteps: int = rule(10, ge=1)
+    max_samples: Optional[int] = rule(None, ge=1)
+    shapes: ShapeMode = ShapeMode.dynamic
+
+
+@dataclass
+class ValidateConfig(LossEvalConfig):
+    """The validation loss during training (bucketed data), when csv_path is set: every N steps and at the end,
+    with the training weights (use_ema: the EMA's), logged as val/* curves."""
+
+    every: int = rule(0, ge=0, help="0: only at the end")
+    use_ema: bool = False
+
+
+@dataclass
+class EvalLossTask(LossEvalConfig):
+    _target_: str = "opensora.tasks.eval_loss.run"
+    csv_path: str = rule(MISSING, path="file")
+    run: Optional[str] = rule(None, path="dir", help="a training run's directory (outputs/runs/<run>)")
+    ckpt_path: Optional[str] = rule(None, path="exists")
+    use_ema: bool = True
+
+
+@dataclass
 class TrainTask:
+    """grad_accumulation, shapes and micro_batch_weight apply to bucketed data (data.bucket_config): micro-batches
+    per rank and step (their gradients averaged before the update); how the step is compiled for the buckets'
+    shapes (dynamic: one graph with dynamic dims, the default; per_shape: one graph per shape, kept; README,
+    "Variable shapes in graph mode"); how micro-batches of
+    different sizes are averaged (equal: each micro-batch's mean loss counts the same, as v1.1.0's all-reduce
+    over ranks; samples: each sample counts the same)."""
+
     _target_: str = "opensora.tasks.train.run"
     max_steps: int = rule(1000, ge=1)
     log_every: int = rule(10, ge=1)
@@ -196,6 +246,10 @@ class TrainTask:
     keep_last: int = rule(2, ge=1)
     timestep_sampling: Any = MISSING
     eval: Optional[EvalConfig] = None
+    grad_accumulation: int = rule(1, ge=1)
+    shapes: ShapeMode = ShapeMode.dynamic
+    micro_batch_weight: MicroBatchWeight = MicroBatchWeight.equal
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
 
 @dataclass
@@ -439,7 +493,7 @@ class ScoreMatchTask(CsvToolTask):
     batch_size: int = rule(16, ge=1)
 
 
-TASKS = {"train": TrainTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
+TASKS = {"train": TrainTask, "eval_loss": EvalLossTask, "sample": SampleTask, "decode": DecodeTask, "embed_text": EmbedTextTask,
          "embed_video": EmbedVideoTask, "scan_videos": ScanVideosTask, "convert": ConvertTask,
          "benchmark": BenchmarkTask, "scene_detect": SceneDetectTask, "scene_cut": SceneCutTask,
          "camera_motion": CameraMotionTask, "flow_score": FlowScoreTask, "datautil": DatautilTask,

@@ -318,7 +318,8 @@ def builds(cfg, section: str) -> bool:
     `_part_is_built` for the text encoder and the VAE."""
     task = task_name(cfg)
     if section == "model":
-        return task in ("train", "sample", "benchmark") or task == "convert" and value_of(cfg, "task.component") == "model"
+        return task in ("train", "sample", "benchmark", "eval_loss") or \
+            task == "convert" and value_of(cfg, "task.component") == "model"
     if section in ("text_encoder", "vae"):
         return _part_is_built(cfg, section)
     if section in ("optim", "data"):
@@ -375,6 +376,72 @@ def _sample_source(cfg) -> list[str]:
         if not given and not (isinstance(path, str) and Path(path).is_file()):
             problems.append("no prompts: set task.prompts='[a red square moving left]' or task.prompt_file=FILE "
                             "(one prompt per line)")
+    return problems
+
+
+@check
+def _buckets(cfg) -> list[str]:
+    """Bucketed data (data.bucket_config): every entry of the bucket config, own resolutions and mask ratios checked
+    (named); it trains STDiT2 (the only model taking size conditioning), not under sequence parallel (frames split
+    over ranks of different shapes). Without it, the settings only bucketed training has are refused."""
+    task = task_name(cfg)
+    bucket, masks = value_of(cfg, "data.bucket_config"), value_of(cfg, "data.mask_ratios")
+    accumulation = value_of(cfg, "task.grad_accumulation")
+    if bucket in (None, _UNSET):
+        problems = []
+        if task == "train" and masks not in (None, _UNSET):
+            problems.append("data.mask_ratios (masked conditioning frames) is trained with bucketed data only "
+                            "(data=variable_csv, STDiT2); set data.mask_ratios=null")
+        if task == "train" and isinstance(accumulation, int) and accumulation > 1:
+            problems.append(f"task.grad_accumulation={accumulation} is for bucketed data (data.bucket_config); raise "
+                            "data.batch_size instead")
+        return problems
+    from opensora.data.bucket import Bucket
+    from opensora.data.masks import validate_mask_ratios
+
+    problems = []
+    try:
+        Bucket(bucket, resolutions=None if value_of(cfg, "data.resolutions") is _UNSET
+               else value_of(cfg, "data.resolutions"))
+    except ValueError as e:
+        problems.append(str(e))
+    if masks not in (None, _UNSET):
+        try:
+            validate_mask_ratios(masks)
+        except ValueError as e:
+            problems.append(str(e))
+    if task == "train":
+        target = str(value_of(cfg, "model._target_"))
+        if not target.endswith("STDiT2"):
+            problems.append(f"data.bucket_config trains STDiT2 (its size, aspect-ratio, frames and fps conditioning), "
+                            f"but model._target_={target}: use model=stdit2_tiny or model=stdit2_xl2")
+        if value_of(cfg, "parallel.mode") == "sequence":
+            problems.append("parallel=sequence splits each video's frames over ranks, which bucketed data gives "
+                            "different shapes: use parallel=data or parallel=zero with data.bucket_config")
+    return problems
+
+
+@check
+def _eval_loss(cfg) -> list[str]:
+    """task=eval_loss and task.validate: weights to evaluate, buckets, a model that takes the size conditioning."""
+    task = task_name(cfg)
+    problems = []
+    if task == "eval_loss":
+        if value_of(cfg, "task.ckpt_path") in (None, _UNSET) and value_of(cfg, "task.run") in (None, _UNSET):
+            problems.append("task=eval_loss needs the weights to evaluate: task.run=outputs/runs/<run> (a training run) "
+                            "or task.ckpt_path=PATH (a checkpoint directory or file)")
+        if value_of(cfg, "task.bucket_config") in (None, _UNSET) and value_of(cfg, "data.bucket_config") in (None,
+                                                                                                            _UNSET):
+            problems.append("task=eval_loss evaluates per bucket: set task.bucket_config or use bucketed data "
+                            "(data=variable_csv, or task.run of a bucketed training run)")
+        target = str(value_of(cfg, "model._target_"))
+        if not target.endswith("STDiT2"):
+            problems.append(f"task=eval_loss evaluates STDiT2 (its size conditioning), model._target_={target}: use "
+                            "model=stdit2_tiny / stdit2_xl2, or task.run of a bucketed training run")
+    if task == "train" and value_of(cfg, "task.validate.csv_path") not in (None, _UNSET) \
+            and value_of(cfg, "data.bucket_config") in (None, _UNSET):
+        problems.append("task.validate (the validation loss per bucket) is for bucketed data (data.bucket_config); "
+                        "the fixed-size data evaluates with task.eval")
     return problems
 
 

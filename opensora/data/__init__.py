@@ -19,5 +19,21 @@ def build_dataset(cfg):
     return instantiate(cfg.data.dataset, **extra)
 
 
-__all__ = ["COLORS", "DIRECTIONS", "SHAPES", "SyntheticVideoDataset", "build_dataset", "caption", "parse_caption",
+def build_loader(cfg, dataset, ctx, out=None):
+    """This rank's loader of `dataset`: fixed-size batches of data.batch_size (opensora.data.loader.BatchLoader),
+    or, with data.bucket_config, each step's bucket micro-batches (opensora.data.bucket_loader; plan records in
+    `<out>/data`)."""
+    data = cfg.data
+    if data.get("bucket_config") is not None:
+        from opensora.data.bucket_loader import build_bucket_loader
+
+        return build_bucket_loader(cfg, dataset, ctx, out)
+    from opensora.data.loader import BatchLoader
+
+    return BatchLoader(dataset, int(data.batch_size), seed=int(cfg.seed), rank=ctx.data_rank, world_size=ctx.data_size,
+                       num_workers=int(data.get("num_workers", 0)), prefetch=int(data.get("prefetch", 2)),
+                       max_bad_fraction=data.get("max_bad_fraction", 0.1))
+
+
+__all__ = ["COLORS", "DIRECTIONS", "SHAPES", "SyntheticVideoDataset", "build_dataset", "build_loader", "caption", "parse_caption",
            "render_clip", "split_prompts"]

@@ -201,8 +201,12 @@ def video_cache_settings(data, vae) -> dict:
     data, vae = _plain(data), _plain(vae)
     weights = vae.get("from_pretrained")
     config = Path(str(weights)).parent / "config.json" if weights and Path(str(weights)).is_file() else None
+    common = {"vae": {"target": vae.get("_target_"), "weights": _name(weights)},
+              "vae_fingerprint": content_fingerprint(weights, config) if weights else None,
+              "scale_factor": vae.get("scale_factor"), "sample_posterior": bool(vae.get("sample_posterior", False))}
+    if data.get("bucket_config") is not None:  # bucketed data: the latents of every bucket size (bucket_cache.py)
+        buckets = {str(r): {str(t): v for t, v in ts.items()} for r, ts in data["bucket_config"].items()}
+        return {"bucket_config": buckets, "resolutions": data.get("resolutions"),
+                "frame_interval": int(data.get("frame_interval", 1)), **common}
     return {"num_frames": int(data["num_frames"]), "frame_interval": int(data.get("frame_interval", 1)),
-            "image_size": list(as_size(data["image_size"])),
-            "vae": {"target": vae.get("_target_"), "weights": _name(weights)},
-            "vae_fingerprint": content_fingerprint(weights, config) if weights else None,
-            "scale_factor": vae.get("scale_factor"), "sample_posterior": bool(vae.get("sample_posterior", False))}
+            "image_size": list(as_size(data["image_size"])), **common}

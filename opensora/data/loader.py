@@ -60,26 +60,29 @@ def _get(dataset, index: int, epoch: int):
     return dataset.load(index, epoch) if hasattr(dataset, "load") else dataset[index]
 
 
-def load_slot(dataset, epoch: int, slot: int, index: int, seed: int, max_retries: int, known_bad: set):
+def load_slot(dataset, epoch: int, slot: int, index, seed: int, max_retries: int, known_bad: set):
     """(item, attempts) for one batch slot. A bad sample is replaced by another index drawn from
-    default_rng([seed, epoch, slot]), up to `max_retries` times; indices in `known_bad` are not read
+    default_rng([seed, epoch, slot]) (from `dataset.replacement(index, rng)` when the dataset has it, e.g. a
+    sample of the same bucket), up to `max_retries` times; rows in `known_bad` are not read
     again but still use up a draw, so the result does not depend on what this process has seen.
     attempts: [(index, None | (path, reason))] for every sample read."""
     attempts, failures, rng = [], [], None
     n = len(dataset)
+    row_of = getattr(dataset, "row_of", None)
     for _ in range(int(max_retries) + 1):
-        if index not in known_bad:
+        row = index if row_of is None else row_of(index)
+        if row not in known_bad:
             try:
                 item = _get(dataset, index, epoch)
                 attempts.append((index, None))
                 return item, attempts
             except BadSampleError as e:
-                known_bad.add(index)
+                known_bad.add(row)
                 attempts.append((index, (e.path, e.reason)))
                 failures.append(f"{e.path} ({e.reason})")
         if rng is None:
             rng = np.random.default_rng([int(seed), int(epoch), int(slot), 1])
-        index = int(rng.integers(n))
+        index = dataset.replacement(index, rng) if hasattr(dataset, "replacement") else int(rng.integers(n))
     raise TooManyBadSamples(f"{max_retries + 1} samples in a row were bad (or already known bad) for one batch slot; "
                             f"last: {'; '.join(failures[-3:]) or 'all previously known bad'}. Check the data "
                             "(task=scan_videos lists unreadable files)")
@@ -193,8 +196,13 @@ class BatchLoader:
                 yield (epoch, position), tasks
             epoch, position = epoch + 1, 0
 
+    def _row(self, index) -> int:
+        """The dataset row of a sample index (datasets indexed by other keys say which: `row_of`)."""
+        return self.dataset.row_of(index) if hasattr(self.dataset, "row_of") else index
+
     def _record(self, attempts) -> None:
         for index, bad in attempts:
+            index = self._row(index)
             self._seen[index] = True
             if bad is None:
                 continue
@@ -233,13 +241,21 @@ class BatchLoader:
                                              initializer=_init_worker, initargs=(self.dataset,))
         return self._pool
 
+    def _advance(self, after) -> None:
+        """The loader's position once a batch planned by `_plan` is yielded."""
+        self.epoch, self.position = after
+
+    def _assemble(self, after, items: list):
+        """What the loader yields for one planned batch (its items, in task order)."""
+        return collate(items)
+
     def __iter__(self) -> Iterator:
         plan = self._plan()
         if self.num_workers == 0:
-            for (epoch, position), tasks in plan:
+            for after, tasks in plan:
                 items = self._load_sync(tasks)
-                self.epoch, self.position = epoch, position
-                yield collate(items)
+                self._advance(after)
+                yield self._assemble(after, items)
             return
         pool = self._start_pool()
         pending: deque = deque()
@@ -254,14 +270,14 @@ class BatchLoader:
             while True:
                 while len(pending) < depth:
                     submit()
-                (epoch, position), futures = pending.popleft()
+                after, futures = pending.popleft()
                 items = []
                 for f in futures:
                     item, attempts = f.result()
                     self._record(attempts)
                     items.append(item)
-                self.epoch, self.position = epoch, position
-                yield collate(items)
+                self._advance(after)
+                yield self._assemble(after, items)
         finally:
             for _, futures in pending:
                 for f in futures:

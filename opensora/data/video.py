@@ -115,11 +115,17 @@ def sample_frame_indices(total_frames: int, num_frames: int, frame_interval: int
     return np.linspace(start, end - 1, num_frames, dtype=int)
 
 
-def _linear_taps(in_size: int, scale: float, start: int, count: int):
+def _linear_taps(in_size: int, scale: float, start: int, count: int, out_size: Optional[int] = None):
     """Source rows (i0, i1) and weights (w0, w1) of outputs start..start+count-1 of a bilinear resize by
-    `scale` (torch interpolate, align_corners=False: src = (dst + 0.5) / scale - 0.5, clamped at 0)."""
-    dst = np.arange(start, start + count, dtype=np.float64)
-    src = np.maximum((dst + 0.5) / scale - 0.5, 0.0)
+    `scale` (torch interpolate, align_corners=False: src = (dst + 0.5) / scale - 0.5, clamped at 0). With
+    `out_size` (a resize to a size, torch interpolate(size=...)) the coordinates are torch's float32 ones:
+    src = float32(in / out) * (dst + 0.5) - 0.5."""
+    if out_size is not None:
+        dst = np.arange(start, start + count, dtype=np.float32)
+        src = np.maximum(np.float32(in_size / out_size) * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    else:
+        dst = np.arange(start, start + count, dtype=np.float64)
+        src = np.maximum((dst + 0.5) / scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = (src - i0).astype(np.float32)
@@ -149,6 +155,26 @@ def resize_crop(frames: np.ndarray, size) -> np.ndarray:
     geo = resize_crop_geometry(h, w, (th, tw))
     top, left = geo["offset"]
     return bilinear_crop(frames, _linear_taps(h, geo["scale"], top, th), _linear_taps(w, geo["scale"], left, tw))
+
+
+def resize_crop_to_fill(frames: np.ndarray, size) -> np.ndarray:
+    """Open-Sora 1.1's `resize_crop` of videos (its ResizeCrop / resize_crop_to_fill): uint8 frames [T, H, W, 3]
+    -> float32 [T, th, tw, 3] in [-1, 1]. The side needing the larger scale is resized to exactly its target,
+    the other to round(side * that scale) (torch `interpolate(size=...)`, bilinear, align_corners=False: each
+    axis scaled by target / source), then center-cropped at floor((resized - target) / 2)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
+    _, h, w, _ = frames.shape
+    th, tw = as_size(size)
+    rh, rw = th / h, tw / w
+    if rh > rw:
+        sh, sw = th, round(w * rh)
+        top, left = 0, int(round(sw - tw) / 2.0)
+    else:
+        sh, sw = round(h * rw), tw
+        top, left = int(round(sh - th) / 2.0), 0
+    return bilinear_crop(frames, _linear_taps(h, sh / h, top, th, sh), _linear_taps(w, sw / w, left, tw, sw))
 
 
 def bilinear_crop(frames: np.ndarray, rows, cols) -> np.ndarray:
@@ -215,6 +241,7 @@ class VideoTextDataset:
         self.image_size = as_size(image_size)
         self.seed, self.decode_threads = int(seed), int(decode_threads)
         df = read_video_csv(csv_path)
+        self.table = df  # every column of the CSV (as strings), video and caption renamed
         self.videos: list[str] = df["video"].tolist()
         self.captions: list[str] = df["caption"].tolist()
         self.text_folder = self.video_cache = None
@@ -273,26 +300,34 @@ class VideoTextDataset:
             except Exception as e:  # noqa: BLE001 - any decoder failure is bad data
                 raise BadSampleError(str(path), f"unreadable image ({type(e).__name__}: {e})") from None
             return np.broadcast_to(image, (self.num_frames, *image.shape)), np.zeros(self.num_frames, np.int64)
+        frames, indices, _ = self.read_window(path, i, epoch, self.num_frames)
+        return frames, indices
+
+    def read_window(self, path: Path, i: int, epoch: int, num_frames: int,
+                    too_short: str = "too short") -> tuple[np.ndarray, np.ndarray, float]:
+        """(uint8 frames [T, H, W, 3], their indices, the container's fps) of `num_frames` frames of the video at
+        `path` (row i) over the random window of epoch `epoch`. Raises BadSampleError."""
         from opensora.utils.video_io import open_video, read_frames
 
         try:
             reader = open_video(path, self.decode_threads)
             total = len(reader)
+            fps = float(reader.get_avg_fps())
         except Exception as e:  # noqa: BLE001
             raise BadSampleError(str(path), f"unreadable video ({_short(e)})") from None
         try:
-            indices = sample_frame_indices(total, self.num_frames, self.frame_interval, self.rng(i, epoch))
+            indices = sample_frame_indices(total, num_frames, self.frame_interval, self.rng(i, epoch))
         except ValueError as e:
-            raise BadSampleError(str(path), f"too short: {e}") from None
+            raise BadSampleError(str(path), f"{too_short}: {e}") from None
         try:
             frames = read_frames(reader, indices)
         except Exception as e:  # noqa: BLE001 - truncated or corrupt stream
             raise BadSampleError(str(path), f"cannot decode frames {indices.tolist()} ({_short(e)})") from None
         finally:
             del reader
-        if frames.shape[0] != self.num_frames or frames.shape[-1] != 3 or frames.size == 0:
+        if frames.shape[0] != num_frames or frames.shape[-1] != 3 or frames.size == 0:
             raise BadSampleError(str(path), f"decoded frames of shape {frames.shape}")
-        return frames, indices
+        return frames, indices, fps
 
     def clip(self, i: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(video [3, T, H, W] float32 in [-1, 1] resized and center-cropped to image_size, frame indices)."""

@@ -298,6 +298,11 @@ class STDiT2(nn.Cell):
     caption dropout (`set_train`, `force_drop_ids`) and enable_flashattn behave as in STDiT.
     """
 
+    # True: trace for MindSpore dynamic shapes (`Cell.set_inputs` with None dims: one graph for every input size;
+    # set by the train step with task.shapes=dynamic). Pads always and computes the position embedding's base
+    # size as a tensor; the same values as the static path.
+    dynamic_shapes = False
+
     # STDiT2Config (v1.1.0) keys that fix the architecture or its numerics, with the value a config.json
     # that omits the key stands for (STDiT2Config's defaults; qk_norm_legacy arrived in 1.2, and a 1.1
     # folder without it was written by code that had only the legacy order). A Hugging Face folder's
@@ -403,12 +408,16 @@ class STDiT2(nn.Cell):
         _, _, Tx, Hx, Wx = x.shape
         pt, ph, pw = self.patch_size
         pad_t, pad_h, pad_w = (-Tx) % pt, (-Hx) % ph, (-Wx) % pw
-        if pad_t or pad_h or pad_w:
-            x = ops.pad(x, (0, pad_w, 0, pad_h, 0, pad_t))  # zeros at the end of each axis
         T, H, W = (Tx + pad_t) // pt, (Hx + pad_h) // ph, (Wx + pad_w) // pw
         S = H * W
+        if self.dynamic_shapes:  # sizes known only when the graph runs: always pad, the base size as a tensor
+            x = ops.stop_gradient(ops.pad(x, (0, pad_w, 0, pad_h, 0, pad_t)))  # (the data: no gradient)
+            base_size = ops.round(ops.sqrt(ops.scalar_to_tensor(S, ms.float32)))
+        else:
+            if pad_t or pad_h or pad_w:
+                x = ops.pad(x, (0, pad_w, 0, pad_h, 0, pad_t))  # zeros at the end of each axis
+            base_size = round(S**0.5)
         scale = rs / self.input_sq_size
-        base_size = round(S**0.5)
         pos_emb = self.pos_embed(H, W, scale, base_size)  # [S, C] fp32
 
         # === embedding ===
@@ -422,10 +431,11 @@ class STDiT2(nn.Cell):
         t0_spc = t0_spc_mlp = t0_tmp_mlp = None
         if x_mask is not None:
             x_mask = ops.cast(x_mask, ms.bool_).reshape(x_mask.shape[0], -1)
-            if x_mask.shape[1] != T:
-                raise ValueError(f"x_mask has {x_mask.shape[1]} frames, the input {T} after patching")
-            if x_mask.shape[0] != B:
-                x_mask = ops.tile(x_mask, (B // x_mask.shape[0], 1))
+            if not self.dynamic_shapes:  # (under dynamic shapes the caller gives one row per sample)
+                if x_mask.shape[1] != T:
+                    raise ValueError(f"x_mask has {x_mask.shape[1]} frames, the input {T} after patching")
+                if x_mask.shape[0] != B:
+                    x_mask = ops.tile(x_mask, (B // x_mask.shape[0], 1))
             t0 = self.t_embedder(ops.zeros_like(timestep))
             t0_spc = t0 + data_info
             t0_spc_mlp = ops.cast(self.t_block(t0_spc), self.dtype)

@@ -77,6 +77,15 @@ def run(cfg: DictConfig) -> dict:
                                  if getattr(vae, "sample_posterior", False) and hasattr(vae, "latent_dist")
                                  else "latent as encoded"})
 
+    from opensora.data.variable import VariableVideoTextDataset
+
+    if isinstance(dataset, VariableVideoTextDataset):  # bucketed data: one latent per video per bucket size
+        from opensora.data.bucket import Bucket
+        from opensora.data.bucket_cache import embed_bucket_latents
+
+        return embed_bucket_latents(dataset, Bucket(data.bucket_config, resolutions=data.get("resolutions")),
+                                    int(data.frame_interval), vae, _encode, folder, int(task.batch_size),
+                                    int(task.num_workers), bool(task.overwrite))
     firsts = unique_videos(dataset.videos)
     taken: set = set()
     names = {i: cache_name(dataset.videos[i], taken) for i in firsts}

@@ -13,15 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from opensora.data import build_dataset
-from opensora.data.loader import BatchLoader
+from opensora.data import build_dataset, build_loader
 from opensora.logger import build_logger
 from opensora.runtime import get_strategy
 from opensora.tasks.common import build_model, build_text_encoder, record_run, run_dir
-from opensora.train.batch import draw_posterior, draw_step, model_inputs
+from opensora.train.batch import build_feed
 from opensora.train.evaluate import HeldoutEvaluator, wants_evaluation
 from opensora.train.state import TrainingState
-from opensora.train.step import build_train_step
+from opensora.train.step import StepRunner, build_train_step
+from opensora.train.validate import LossValidator
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def earlier_run_message(out, earlier: list) -> str:
             f"resume={out}, or move the directory away to start over")
 
 
+def report_buckets(loader, logger, step: int) -> None:
+    """The bucket report in the log and, as a table, in W&B."""
+    import pandas as pd
+
+    text, rows = loader.report()
+    log.info("%s", text)
+    logger.log_table("data/buckets", pd.DataFrame(rows, columns=["resolution", "frames", "ar", "height", "width",
+                                                                 "batch_size", "samples", "trained"]), step=step)
+
+
 def run(cfg: DictConfig) -> dict:
     strategy, task = get_strategy(), cfg.task
     ctx, out = strategy.ctx, run_dir(cfg)
@@ -49,9 +59,7 @@ def run(cfg: DictConfig) -> dict:
         record_run(cfg, out)
 
     dataset = build_dataset(cfg)
-    loader = BatchLoader(dataset, int(cfg.data.batch_size), seed=int(cfg.seed), rank=ctx.data_rank,
-                         world_size=ctx.data_size, num_workers=int(cfg.data.get("num_workers", 0)),
-                         prefetch=int(cfg.data.get("prefetch", 2)), max_bad_fraction=cfg.data.get("max_bad_fraction", 0.1))
+    loader = build_loader(cfg, dataset, ctx, out)  # fixed-size batches, or each step's bucket micro-batches
     if not ctx.is_main:  # rank 0 first writes what the run directory shares (a trained tokenizer)
         strategy.barrier(sync, "shared-files")
     text_encoder = None if cfg.data.get("text_embed_folder") else \
@@ -71,6 +79,9 @@ def run(cfg: DictConfig) -> dict:
     drop_prob = float(getattr(model.y_embedder, "uncond_prob", 0.0) or 0.0)  # caption dropout, drawn on the host
 
     step, wandb_id, loss_avg, rng = 0, None, None, np.random.default_rng(int(cfg.seed))
+    feed = build_feed(cfg, strategy, vae, text_encoder, diffusion, timesteps, drop_prob, rng)  # draws, model inputs
+    train_step = StepRunner(step_fn, strategy, sync, str(task.get("shapes") or "dynamic")
+                            if cfg.data.get("bucket_config") is not None else "fixed")
     if resuming:
         ckpt, saved = state.restore(str(cfg.resume))
         step, wandb_id, loss_avg = int(saved["step"]), saved.get("wandb_run_id"), saved.get("loss_avg")
@@ -80,42 +91,37 @@ def run(cfg: DictConfig) -> dict:
         log.info("resumed from %s at step %d", ckpt, step)
 
     logger = build_logger(cfg, resume_id=wandb_id, rank=ctx.rank)
+    if hasattr(loader, "report"):  # bucketed data: samples per bucket, steps per epoch, dropped rows by reason
+        report_buckets(loader, logger, step)
     evaluating = wants_evaluation(cfg, dataset)  # decided alike on every rank: evaluation gathers the EMA
     evaluator = HeldoutEvaluator(cfg, dataset, text_encoder, vae, out, logger) if evaluating and ctx.is_main else None
     eval_every = int(task.eval.every or 0) if evaluating else 0
+    validating = bool(task.get("validate") and task.validate.get("csv_path"))  # the loss per bucket (bucketed data)
+    validator = LossValidator(cfg, text_encoder, vae, diffusion, logger) if validating and ctx.is_main else None
+    val_every = int(task.validate.every or 0) if validating else 0
     ckpt_every = int(task.ckpt_every or 0)
 
     def save(at: int) -> None:
         state.save(at, state.host_state(loader, rng, logger, loss_avg, int(cfg.seed)))
         saved_at[0] = at
 
-    def evaluate(at: int) -> dict:
+    def evaluate(at: int, judge, tag: str) -> dict:
         model_w, ema_w, _ = state.full(with_optimizer=False, keep=ctx.is_main)
-        scores = evaluator(model_w, ema_w, at) if evaluator is not None else {}
-        strategy.barrier(sync, f"evaluated-{at}")
+        scores = judge(model_w, ema_w, at) if judge is not None else {}
+        strategy.barrier(sync, f"{tag}-{at}")
         return scores
 
     saved_at, exit_code, metrics = [step if resuming else None], 1, {}
     try:
-        batches, compiled = iter(loader), False
+        batches = iter(loader)
         bar = tqdm(total=int(task.max_steps), initial=step, desc="train", dynamic_ncols=True, disable=not ctx.is_main)
         t_last, since, overflows = time.perf_counter(), 0, 0
         while step < int(task.max_steps):
-            batch = next(batches)
-            global_batch = int(cfg.data.batch_size) * ctx.data_size  # the loader yields whole batches
-            posterior = draw_posterior(rng, vae, batch, global_batch)
-            x, emb = model_inputs(batch, vae, text_encoder, None if posterior is None else strategy.rows(posterior))
-            t, noise, drop = draw_step(rng, global_batch, x.shape[1:], diffusion.num_timesteps, timesteps, drop_prob)
-            t, noise, drop = strategy.rows(t), strategy.rows(noise), strategy.rows(drop)
-            x, noise = strategy.frames(x), strategy.frames(noise)
+            inputs = feed(next(batches), step)  # this rank's micro-batches: model inputs and the step's draws
             lr = lr_at(step)
             lr_param.set_data(ms.Tensor(lr, ms.float32))
-            inputs = (ms.Tensor(x), ms.Tensor(t), ms.Tensor(noise), ms.Tensor(emb["y"]), ms.Tensor(emb["mask"]),
-                      ms.Tensor(drop.astype(np.int32)))
-            if not compiled:
-                strategy.compile(step_fn, inputs, sync)
-                compiled = True
-            loss, grad_norm, finite, scale = step_fn(*inputs)
+            loss, grad_norm, finite, scale = train_step(inputs, step)
+            global_batch = inputs.samples
             loss, grad_norm, finite = float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
             overflows = 0 if finite else overflows + 1
             if not finite:  # only with a loss scale: the step was skipped and counted
@@ -146,7 +152,9 @@ def run(cfg: DictConfig) -> dict:
             if ckpt_every and step % ckpt_every == 0:
                 save(step)
             if eval_every and step % eval_every == 0 and step < int(task.max_steps):
-                evaluate(step)
+                evaluate(step, evaluator, "evaluated")
+            if val_every and step % val_every == 0 and step < int(task.max_steps):
+                evaluate(step, validator, "validated")
         bar.close()
         if ckpt_every and saved_at[0] != step:  # from this process's own record: all ranks agree (save is collective)
             save(step)
@@ -158,7 +166,9 @@ def run(cfg: DictConfig) -> dict:
         if step_fn.scaling:
             metrics["train/skipped_steps"] = int(step_fn.skipped_steps.asnumpy())
         if evaluating:
-            metrics.update(evaluate(step))
+            metrics.update(evaluate(step, evaluator, "evaluated"))
+        if validating:
+            metrics.update(evaluate(step, validator, "validated"))
         logger.summary(metrics)
         for k, v in metrics.items():
             log.info("%s = %s", k, v)

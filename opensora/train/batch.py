@@ -1,13 +1,17 @@
 """What one training step needs besides the weights: its random draws, made on the host for the global batch,
 and the model inputs of a loaded batch (VAE / text-encoder outputs, or their caches).
 
-Every random choice of a step comes from the train RNG (numpy, seeded by `seed`, saved in each checkpoint), drawn
-for the whole global batch in a fixed order and sliced by each rank (`strategy.rows`): the VAE's posterior noise
-(when it samples), the timesteps, the diffusion noise and the caption-dropout decisions. So data-parallel ranks
-together use exactly what one process with the global batch would, and a resumed run continues the stream.
+Fixed-size batches (`GlobalBatchFeed`): every random choice of a step comes from the train RNG (numpy, seeded by
+`seed`, saved in each checkpoint), drawn for the whole global batch in a fixed order and sliced by each rank
+(`strategy.rows`): the VAE's posterior noise (when it samples), the timesteps, the diffusion noise and the
+caption-dropout decisions. So data-parallel ranks together use exactly what one process with the global batch
+would, and a resumed run continues the stream. Bucketed micro-batches (`BucketFeed`), whose shapes differ between
+ranks: each micro-batch draws from generators of (seed, step, slot), the same on whichever rank it trains.
+`build_feed` picks the feed of the configured data; the train loop only calls it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -60,3 +64,105 @@ def model_inputs(batch: dict, vae, text_encoder, posterior: Optional[np.ndarray]
             raise ValueError("the batch holds captions but no text encoder was built")
         emb = text_encoder.encode(batch["caption"])
     return np.asarray(x, np.float32), emb
+
+
+# ================================================================
+# One step's inputs, whatever the data
+# ================================================================
+
+
+@dataclass
+class StepInputs:
+    """The train step's inputs of one step on this rank: `micro` = one tuple of arrays per micro-batch (the
+    compiled step's argument order), `slot_keys` = a shape key per slot of the step over all ranks (bucketed
+    data; None for fixed-size batches), `samples` = samples in the step over all ranks."""
+
+    micro: list
+    samples: int
+    slot_keys: Optional[list] = None
+
+
+class GlobalBatchFeed:
+    """Fixed-size batches (Open-Sora 1.0 data): every draw is made for the global batch from the train RNG `rng`
+    (saved in checkpoints) and sliced per rank, so data-parallel ranks together use exactly what one process
+    with the global batch would (see the module docstring). Inputs: (x, t, noise, y, mask, drop)."""
+
+    def __init__(self, strategy, vae, text_encoder, diffusion, timesteps, drop_prob: float, batch_size: int,
+                 rng: np.random.Generator):
+        self.strategy, self.vae, self.text_encoder = strategy, vae, text_encoder
+        self.diffusion, self.timesteps, self.drop_prob = diffusion, timesteps, float(drop_prob)
+        self.global_batch = int(batch_size) * strategy.ctx.data_size  # the loader yields whole batches
+        self.rng = rng
+
+    def __call__(self, batch: dict, step: int) -> StepInputs:
+        rows, rng = self.strategy.rows, self.rng
+        posterior = draw_posterior(rng, self.vae, batch, self.global_batch)
+        x, emb = model_inputs(batch, self.vae, self.text_encoder, None if posterior is None else rows(posterior))
+        t, noise, drop = draw_step(rng, self.global_batch, x.shape[1:], self.diffusion.num_timesteps, self.timesteps,
+                                   self.drop_prob)
+        t, noise, drop = rows(t), rows(noise), rows(drop)
+        x, noise = self.strategy.frames(x), self.strategy.frames(noise)
+        return StepInputs([(x, t, noise, emb["y"], emb["mask"], drop.astype(np.int32))], self.global_batch)
+
+
+class BucketFeed:
+    """Bucketed micro-batches (Open-Sora 1.1 data, opensora/data/bucket_loader.py): each micro-batch is drawn for
+    itself, from generators of (seed, step, slot) - slot = its place among the step's micro-batches over all
+    ranks - so the draws of a micro-batch do not depend on which rank trains it or what else is in the step,
+    and a resumed run draws the same again without any saved RNG state. In this order: timesteps, noise, caption
+    dropout from default_rng([seed, step, slot, 1]); the VAE's posterior noise from [seed, step, slot, 2]; the
+    frame masks from data.mask_ratios' generator (seeded per (seed, step, slot)).
+
+    Inputs: (x, t, noise, y, mask, drop, x_mask, num_frames, height, width, ar, fps, weight). `weight` makes the
+    mean over ranks (and accumulated micro-batches) what `micro_batch_weight` says: "equal" (1) averages the
+    micro-batches' mean losses, each micro-batch counting the same, as v1.1.0 (each rank's loss mean, averaged by
+    its all-reduce, whatever the rank's batch size); "samples" (b * slots / samples) weighs each micro-batch by
+    its samples, so the update is the gradient of the mean loss over every sample of the step."""
+
+    def __init__(self, vae, text_encoder, diffusion, timesteps, drop_prob: float, seed: int, masks=None,
+                 micro_batch_weight: str = "equal"):
+        if micro_batch_weight not in ("equal", "samples"):
+            raise ValueError(f"task.micro_batch_weight={micro_batch_weight!r}: expected equal or samples")
+        self.vae, self.text_encoder, self.diffusion = vae, text_encoder, diffusion
+        self.timesteps, self.drop_prob, self.seed, self.masks = timesteps, float(drop_prob), int(seed), masks
+        self.weighting = micro_batch_weight
+
+    def micro_batch(self, batch: dict, step: int, slot: int, weight: float) -> tuple:
+        rng = np.random.default_rng([self.seed, int(step), int(slot), 1])
+        posterior = None
+        if self.vae is not None and "video" in batch:
+            shape = posterior_shape(self.vae, np.shape(batch["video"]))
+            if shape is not None:
+                posterior = np.random.default_rng([self.seed, int(step), int(slot), 2]).standard_normal(
+                    shape, dtype=np.float32)
+        x, emb = model_inputs(batch, self.vae, self.text_encoder, posterior)
+        b, t_latent = x.shape[0], x.shape[2]
+        t = self.timesteps(rng, b, self.diffusion.num_timesteps)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        drop = rng.random(b) < self.drop_prob if self.drop_prob > 0 else np.zeros(b, bool)
+        x_mask = (self.masks.get_masks(b, t_latent, step, slot) if self.masks is not None
+                  else np.ones((b, t_latent), bool))
+        cond = [np.asarray(batch[k], np.float32).reshape(b) for k in ("num_frames", "height", "width", "ar", "fps")]
+        return (x, t, noise, emb["y"], emb["mask"], drop.astype(np.int32), x_mask, *cond, np.float32(weight))
+
+    def __call__(self, batch, step: int) -> StepInputs:
+        slots = len(batch.slot_keys)
+        micro = []
+        for k, mb in enumerate(batch.micro_batches):
+            b = len(mb["caption"])
+            weight = 1.0 if self.weighting == "equal" else b * slots / batch.samples
+            micro.append(self.micro_batch(mb, step, batch.first_slot + k, weight))
+        return StepInputs(micro, batch.samples, batch.slot_keys)
+
+
+def build_feed(cfg, strategy, vae, text_encoder, diffusion, timesteps, drop_prob: float, rng: np.random.Generator):
+    """The feed of the configured data: BucketFeed with data.bucket_config (masks from data.mask_ratios), else
+    GlobalBatchFeed."""
+    if cfg.data.get("bucket_config") is None:
+        return GlobalBatchFeed(strategy, vae, text_encoder, diffusion, timesteps, drop_prob, int(cfg.data.batch_size),
+                               rng)
+    from opensora.data.masks import build_mask_generator
+
+    return BucketFeed(vae, text_encoder, diffusion, timesteps, drop_prob, int(cfg.seed),
+                      build_mask_generator(cfg.data.get("mask_ratios"), int(cfg.seed)),
+                      str(cfg.task.get("micro_batch_weight") or "equal"))
