@@ -718,3 +718,26 @@ def test_xl2_config_agrees_with_the_released_config_json(tmp_path):
     for key, default in STDiT2.hf_config_defaults.items():
         want = released.get(key, default)
         assert (list(want) if isinstance(want, (list, tuple)) else want) == cfg.model[key], key
+
+
+def test_fixed_size_conditions_are_the_data_clip_size(tmp_path):
+    from opensora.train.batch import fixed_size_conditions
+
+    cfg = compose_cfg(["model=stdit2_tiny", "data.num_frames=4", "data.image_size=[8,12]"], tmp_path)
+    assert fixed_size_conditions(cfg.data) == pytest.approx({"num_frames": 4.0, "height": 8.0, "width": 12.0,
+                                                             "ar": 8 / 12, "fps": 8.0}, rel=1e-7)  # float32
+    cfg = compose_cfg(["model=stdit2_tiny", "data.num_frames=1", "data.image_size=8"], tmp_path)
+    assert fixed_size_conditions(cfg.data)["fps"] == 120.0  # a single frame: IMAGE_FPS, as the original
+
+
+def test_model_option_alone_trains_and_evaluates_on_the_default_data(tmp_path):
+    """`model=stdit2_tiny` with the root defaults (fixed-size synthetic data, the demo scheduler): the train step
+    conditions STDiT2 on the data's clip size, and the held-out evaluation samples it at that size."""
+    from helpers import run_cli
+
+    run = tmp_path / "run"
+    run_cli(["model=stdit2_tiny", "model.depth=1", "data.num_frames=2", "data.image_size=8", "data.batch_size=2",
+             "task.max_steps=2", "task.eval.num_samples_per_prompt=1", "task.eval.batch_size=8", "logger=none",
+             f"hydra.run.dir={run}"], tmp_path)
+    assert (run / "checkpoints" / "step_000002").is_dir()
+    assert (run / "samples" / "step_000002" / "grid.gif").is_file()

@@ -9,7 +9,7 @@ operands differ in shape (implicit broadcasting) 1.0-1.15 GB, Div 1.15-1.3 GB ev
 Transpose 0.5 GB, softmax's backward 1.0 GB; the same ops on equal shapes, BroadcastTo, BiasAdd,
 LayerNorm, Split/Concat/Stack/Unstack, MatMul/BatchMatMul and unary ops keep nothing. So the layers
 here broadcast explicitly (`bcast`), add biases with BiasAdd, normalise with the fused LayerNorm
-(eval) or sums (training), and move attention heads with split/stack (`split_heads` /
+(eval) or sums (training), and move attention heads with split/concat (`split_heads` /
 `merge_heads`) instead of transposes: the same values, without those buffers.
 """
 
@@ -148,15 +148,25 @@ _BMM = ops.BatchMatMul()
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
 
 
+def stack_heads(heads):
+    """H tensors [B, N, D] -> [B, H, N, D]: concat of [B, 1, N, D] views (the values of a stack). Not
+    ops.stack: in MindSpore 2.10 the gradient graph of Stack/Unstack fails to infer for some shapes
+    ("For 'Stack', the element of 'input_x[0]' must be Tensor, but got Int64"); Split/Concat/Reshape
+    differentiate into each other and keep no buffers (module note)."""
+    B, N, D = heads[0].shape
+    return ops.concat([h.reshape(B, 1, N, D) for h in heads], axis=1)
+
+
 def split_heads(x, num_heads: int):
-    """[B, N, H*D] -> [B, H, N, D] (split + stack: the values a reshape + transpose gives, without a
+    """[B, N, H*D] -> [B, H, N, D] (split + concat: the values a reshape + transpose gives, without a
     Transpose kernel; see the module note)."""
-    return ops.stack(ops.split(x, x.shape[-1] // num_heads, axis=-1), axis=1)
+    return stack_heads(ops.split(x, x.shape[-1] // num_heads, axis=-1))
 
 
 def merge_heads(x):
-    """[B, H, N, D] -> [B, N, H*D], the inverse of `split_heads` (unstack + concat)."""
-    return ops.concat(ops.unstack(x, axis=1), axis=-1)
+    """[B, H, N, D] -> [B, N, H*D], the inverse of `split_heads` (split + concat)."""
+    B, H, N, D = x.shape
+    return ops.concat([h.reshape(B, N, D) for h in ops.split(x, 1, axis=1)], axis=-1)
 
 
 def scaled_dot_product_attention(q, k, v, scale, mask=None, bias=None):

@@ -170,9 +170,7 @@ class Attention(nn.Cell):
         return split_heads(x, self.num_heads)  # [B, N, C] -> [B, H, N, D]
 
     def construct(self, x):
-        H = self.num_heads
-        heads = ops.split(self.qkv(x), self.head_dim, axis=-1)  # [B, N, 3C] -> 3H x [B, N, D]
-        q, k, v = ops.stack(heads[:H], axis=1), ops.stack(heads[H:2 * H], axis=1), ops.stack(heads[2 * H:], axis=1)
+        q, k, v = (self._heads(h) for h in ops.split(self.qkv(x), x.shape[-1], axis=-1))  # 3 x [B, H, N, D]
         x = attention(q, k, v, self.scale, self.use_flash)  # [B, H, N, D]
         return self.proj(merge_heads(x))  # [B, N, C]
 
@@ -199,10 +197,8 @@ class MultiHeadCrossAttention(nn.Cell):
 
     def construct(self, x, cond, mask=None):
         # x [B, N, C]; cond [B, L, C]; mask [B, L] (1 = valid) or None
-        H = self.num_heads
         q = self._heads(self.q_linear(x))  # [B, H, N, D]
-        heads = ops.split(self.kv_linear(cond), self.head_dim, axis=-1)  # [B, L, 2C] -> 2H x [B, L, D]
-        k, v = ops.stack(heads[:H], axis=1), ops.stack(heads[H:], axis=1)  # [B, H, L, D]
+        k, v = (self._heads(h) for h in ops.split(self.kv_linear(cond), x.shape[-1], axis=-1))  # [B, H, L, D]
         x = scaled_dot_product_attention(q, k, v, self.scale, mask)  # [B, H, N, D]
         return self.proj(merge_heads(x))  # [B, N, C]
 
@@ -213,13 +209,17 @@ class MultiHeadCrossAttention(nn.Cell):
 
 
 def frames_last(x):
-    """[B, T, S, C] -> [B, S, T, C] (unstack + stack instead of a transpose; see layers' memory note)."""
-    return ops.stack(ops.unstack(x, axis=1), axis=2)
+    """[B, T, S, C] -> [B, S, T, C] by split + concat over the T frames (the values of a transpose
+    without a Transpose kernel, and not Unstack + Stack, whose gradient graph MindSpore 2.10 fails to
+    infer for some shapes; see layers' memory note and `stack_heads`)."""
+    B, T, S, C = x.shape
+    return ops.concat([f.reshape(B, S, 1, C) for f in ops.split(x, 1, axis=1)], axis=2)
 
 
 def frames_first(x):
     """[B, S, T, C] -> [B, T, S, C], the inverse of `frames_last`."""
-    return ops.stack(ops.unstack(x, axis=2), axis=1)
+    B, S, T, C = x.shape
+    return ops.concat([f.reshape(B, 1, S, C) for f in ops.split(x, 1, axis=2)], axis=1)
 
 
 class STDiTBlock(nn.Cell):

@@ -85,14 +85,17 @@ class StepInputs:
 class GlobalBatchFeed:
     """Fixed-size batches (Open-Sora 1.0 data): every draw is made for the global batch from the train RNG `rng`
     (saved in checkpoints) and sliced per rank, so data-parallel ranks together use exactly what one process
-    with the global batch would (see the module docstring). Inputs: (x, t, noise, y, mask, drop)."""
+    with the global batch would (see the module docstring). Inputs: (x, t, noise, y, mask, drop), and for an STDiT2
+    (`conditions`: the clip size of every sample, see `fixed_size_conditions`) also (x_mask, num_frames, height,
+    width, ar, fps, weight) with every frame a target and weight 1, BucketFeed's order."""
 
     def __init__(self, strategy, vae, text_encoder, diffusion, timesteps, drop_prob: float, batch_size: int,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, conditions: Optional[dict] = None):
         self.strategy, self.vae, self.text_encoder = strategy, vae, text_encoder
         self.diffusion, self.timesteps, self.drop_prob = diffusion, timesteps, float(drop_prob)
         self.global_batch = int(batch_size) * strategy.ctx.data_size  # the loader yields whole batches
         self.rng = rng
+        self.conditions = conditions
 
     def __call__(self, batch: dict, step: int) -> StepInputs:
         rows, rng = self.strategy.rows, self.rng
@@ -102,7 +105,25 @@ class GlobalBatchFeed:
                                    self.drop_prob)
         t, noise, drop = rows(t), rows(noise), rows(drop)
         x, noise = self.strategy.frames(x), self.strategy.frames(noise)
-        return StepInputs([(x, t, noise, emb["y"], emb["mask"], drop.astype(np.int32))], self.global_batch)
+        inputs = (x, t, noise, emb["y"], emb["mask"], drop.astype(np.int32))
+        if self.conditions is not None:
+            b = x.shape[0]
+            cond = [np.full((b,), self.conditions[k], np.float32) for k in ("num_frames", "height", "width", "ar", "fps")]
+            inputs = (*inputs, np.ones((b, x.shape[2]), bool), *cond, np.float32(1.0))
+        return StepInputs([inputs], self.global_batch)
+
+
+def fixed_size_conditions(data_cfg) -> dict[str, float]:
+    """STDiT2's size conditions for fixed-size data (Open-Sora 1.0 style data; the original could not train
+    STDiT2 without its variable dataset): every sample is data.num_frames x data.image_size pixels, ar = height /
+    width and fps = data.fps (default 8, data=prompts' default, so a run sampled from its directory is
+    conditioned as it trained), 120 for single frames - `size_conditions`' inference rules."""
+    from opensora.model.stdit2_conditions import size_conditions
+
+    size = data_cfg.image_size
+    height, width = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+    values = size_conditions(1, int(data_cfg.num_frames), height, width, float(data_cfg.get("fps") or 8))
+    return {k: float(v[0]) for k, v in values.items()}
 
 
 class BucketFeed:
@@ -157,10 +178,13 @@ class BucketFeed:
 
 def build_feed(cfg, strategy, vae, text_encoder, diffusion, timesteps, drop_prob: float, rng: np.random.Generator):
     """The feed of the configured data: BucketFeed with data.bucket_config (masks from data.mask_ratios), else
-    GlobalBatchFeed."""
+    GlobalBatchFeed (with the data's clip size as the conditions of an STDiT2)."""
+    from opensora.sampling.request import is_stdit2
+
     if cfg.data.get("bucket_config") is None:
+        conditions = fixed_size_conditions(cfg.data) if is_stdit2(cfg.model.get("_target_")) else None
         return GlobalBatchFeed(strategy, vae, text_encoder, diffusion, timesteps, drop_prob, int(cfg.data.batch_size),
-                               rng)
+                               rng, conditions)
     from opensora.data.masks import build_mask_generator
 
     return BucketFeed(vae, text_encoder, diffusion, timesteps, drop_prob, int(cfg.seed),

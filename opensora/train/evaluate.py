@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from opensora.model.stdit2 import STDiT2
 from opensora.tasks.common import build_model, generate, save_samples, score_samples
+from opensora.train.batch import fixed_size_conditions
 
 
 def wants_evaluation(cfg: DictConfig, dataset) -> bool:
@@ -35,8 +38,11 @@ class HeldoutEvaluator:
         for n, p in self.model.parameters_and_names():
             p.set_data(values[n].data.copy().astype(p.dtype))
         latent = [int(v) for v in cfg.model.input_size]
+        kwargs = None
+        if isinstance(self.model, STDiT2):  # sampled at the clip size it trains on (GlobalBatchFeed's conditions)
+            kwargs = {k: np.full((int(ev.batch_size),), v, np.float32) for k, v in fixed_size_conditions(cfg.data).items()}
         videos = generate(self.model, self.text_encoder, self.vae, self.sampler, self.prompts, latent,
-                          int(ev.batch_size), int(cfg.seed), progress=False)
+                          int(ev.batch_size), int(cfg.seed), progress=False, model_kwargs=kwargs)
         folder = self.out / "samples" / f"step_{step:06d}"
         save_samples(videos, self.prompts, folder, int(ev.fps), int(ev.upscale), self.logger, step, prefix="eval")
         return score_samples(cfg, videos, self.prompts, folder, self.logger, step)

@@ -242,7 +242,7 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
 
     model_params is {name: Parameter} keyed like the model's checkpoint; update.ema likewise (this rank's share
     under parallel=zero). With bucketed data (data.bucket_config) the loss is STDiT2's with size conditioning
-    and frame masks (`SizedDiffusionLoss`), and with task.grad_accumulation > 1 step_fn is an AccumulatedStep."""
+    and frame masks (`SizedDiffusionLoss`), an STDiT2 on fixed-size data gets the same loss without masks, and with task.grad_accumulation > 1 step_fn is an AccumulatedStep."""
     from hydra.utils import instantiate
 
     model_params = dict(model.parameters_and_names())  # taken before nesting renames Parameter.name
@@ -254,6 +254,8 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
     if update.ema is not None:  # in the order of the weights the step zips them with
         own_names = [names[i] for i in update.own] if update.sharded else names
         update.ema = {n: update.ema[n] for n in own_names if n in update.ema}
+    from opensora.model.stdit2 import STDiT2
+
     if cfg.data.get("bucket_config") is not None:
         loss = SizedDiffusionLoss(model, diffusion, masked=cfg.data.get("mask_ratios") is not None)
         if str(cfg.task.get("shapes")) == "dynamic":
@@ -261,6 +263,8 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
                 raise ValueError(f"task.shapes=dynamic: {type(model).__name__} cannot be traced with dynamic shapes; "
                                  "use task.shapes=per_shape")
             model.dynamic_shapes = True
+    elif isinstance(model, STDiT2):  # fixed-size data: the clip size of the data config (GlobalBatchFeed)
+        loss = SizedDiffusionLoss(model, diffusion, masked=False)
     else:
         loss = DiffusionLoss(model, diffusion)
     step_fn = TrainStep(loss, update, cfg.optim.get("grad_clip"), ema_decay, loss_scaler(cfg.get("precision")))
