@@ -601,6 +601,33 @@ def test_jit_value_and_grad_matches_finite_differences():
         np.testing.assert_allclose(grads[name][idx], fd, rtol=3e-2, atol=1e-6, err_msg=name)
 
 
+def test_graph_gradients_when_caption_length_equals_video_tokens():
+    """Regression: with the caption as long as the video's tokens (here 8 = 2 frames x 4 patches) the
+    cross-attention's q and k heads have one shape, and MindSpore 2.10 once failed to infer the gradient graph
+    of heads taken as tuple slices ("For 'Stack' ... got Int64"; CI's test_vae_training). The heads are now
+    built by split + concat; the graph gradient must compile and reach every trainable parameter."""
+    ms.set_seed(0)
+    net = STDiT(input_size=(2, 4, 4), in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2,
+                caption_channels=8, model_max_length=8, class_dropout_prob=0.0)
+    randomize(net, seed=5)
+    net.set_train(True)
+    rng = np.random.default_rng(6)
+    x = Tensor(rng.standard_normal((4, 4, 2, 4, 4)).astype(np.float32))
+    t = Tensor(np.array([1, 5, 9, 13]), ms.int32)
+    y = Tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    mask = Tensor(np.ones((4, 8)), ms.int32)
+    params = net.trainable_params()
+
+    def loss_fn(x, t, y, mask):
+        return (net(x, t, y, mask) ** 2).mean()
+
+    grad_fn = ms.jit(ms.value_and_grad(loss_fn, None, params))
+    loss, grads = grad_fn(x, t, y, mask)
+    assert np.isfinite(float(loss))
+    for p, g in zip(params, grads):
+        assert np.isfinite(_np(g)).all() and np.abs(_np(g)).max() > 0, p.name
+
+
 def test_class_dropout_in_graph_mode():
     ms.set_seed(0)
     net = STDiT(**TINY, class_dropout_prob=0.5)
