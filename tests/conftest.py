@@ -16,3 +16,13 @@ from helpers import compose_cfg  # noqa: E402
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+@pytest.fixture
+def graph_mode():
+    """MindSpore graph mode for one test (compiled cells, as training runs them), PyNative afterwards."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -18,13 +18,6 @@ torch = pytest.importorskip("torch")
 SHAPES = [(24, 16), (16,)]
 
 
-@pytest.fixture
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)  # the optimiser runs inside the compiled train step
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 class Step(nn.Cell):
     def __init__(self, opt):
         super().__init__()

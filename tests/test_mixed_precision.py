@@ -22,13 +22,6 @@ TINY = dict(input_size=(2, 4, 4), in_channels=3, hidden_size=32, depth=1, num_he
             model_max_length=4, class_dropout_prob=0.0)
 
 
-@pytest.fixture
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 def _batch(seed=0, inf=False):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, 2, 4, 4)).astype(np.float32)

@@ -102,13 +102,6 @@ def tiny():
     return net
 
 
-@pytest.fixture
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 # ---------------------------------------------------------------- checkpoint names and sizes
 
 
