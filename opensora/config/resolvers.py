@@ -213,10 +213,18 @@ def sweep_name() -> Optional[str]:
         return None
 
 
-def debug_model(data_choice: str) -> str:
-    """The tiny model debug=fast trains on the data of a `data=` choice: STDiT2 on bucketed data (variable_csv,
-    whose size conditioning only STDiT2 takes), STDiT otherwise."""
-    return "stdit2_tiny" if str(data_choice) == "variable_csv" else "stdit_tiny"
+def debug_model(data_choice: str, experiment_choice: Any = None) -> str:
+    """The tiny model of debug=fast: STDiT2 for an Open-Sora 1.1 recipe (an experiment named *v1_1*, whose
+    model is STDiT2) or bucketed data (variable_csv, whose size conditioning only STDiT2 takes), STDiT
+    otherwise. (The defaults list cannot read the model choice it replaces, hence the recipe's name.)"""
+    is_v1_1 = "v1_1" in str(experiment_choice or "")
+    return "stdit2_tiny" if is_v1_1 or str(data_choice) == "variable_csv" else "stdit_tiny"
+
+
+def debug_hidden_size(model_target: str) -> int:
+    """debug=fast's model width: 32, or 48 for STDiT2 (divisible by 3 for its size conditioning and by 4 for
+    its 2-D position embedding)."""
+    return 48 if str(model_target).rsplit(".", 1)[-1] in ("STDiT2", "stdit2_xl2") else 32
 
 
 def _as_list(x: Any) -> Any:
@@ -230,6 +238,7 @@ RESOLVERS = {
     "hf_config": hf_config_value,
     "if_null": lambda value, default: default if value is None else value,
     "debug_model": debug_model,
+    "debug_hidden_size": debug_hidden_size,
     "launch_time": launch_time,
     "unique_dir": unique_dir,
     "run_dir_of": run_dir_of,
