@@ -224,7 +224,9 @@ def debug_model(data_choice: str, experiment_choice: Any = None) -> str:
 def debug_hidden_size(model_target: str) -> int:
     """debug=fast's model width: 32, or 48 for STDiT2 (divisible by 3 for its size conditioning and by 4 for
     its 2-D position embedding)."""
-    return 48 if str(model_target).rsplit(".", 1)[-1] in ("STDiT2", "stdit2_xl2") else 32
+    from opensora.sampling.request import is_stdit2
+
+    return 48 if is_stdit2(model_target) else 32
 
 
 def _as_list(x: Any) -> Any:

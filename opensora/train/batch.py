@@ -108,7 +108,8 @@ class GlobalBatchFeed:
         inputs = (x, t, noise, emb["y"], emb["mask"], drop.astype(np.int32))
         if self.conditions is not None:
             b = x.shape[0]
-            cond = [np.full((b,), self.conditions[k], np.float32) for k in ("num_frames", "height", "width", "ar", "fps")]
+            keys = ("num_frames", "height", "width", "ar", "fps")
+            cond = [np.full((b,), self.conditions[k], np.float32) for k in keys]
             inputs = (*inputs, np.ones((b, x.shape[2]), bool), *cond, np.float32(1.0))
         return StepInputs([inputs], self.global_batch)
 

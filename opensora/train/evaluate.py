@@ -40,7 +40,8 @@ class HeldoutEvaluator:
         latent = [int(v) for v in cfg.model.input_size]
         kwargs = None
         if isinstance(self.model, STDiT2):  # sampled at the clip size it trains on (GlobalBatchFeed's conditions)
-            kwargs = {k: np.full((int(ev.batch_size),), v, np.float32) for k, v in fixed_size_conditions(cfg.data).items()}
+            conditions = fixed_size_conditions(cfg.data)
+            kwargs = {k: np.full((int(ev.batch_size),), v, np.float32) for k, v in conditions.items()}
         videos = generate(self.model, self.text_encoder, self.vae, self.sampler, self.prompts, latent,
                           int(ev.batch_size), int(cfg.seed), progress=False, model_kwargs=kwargs)
         folder = self.out / "samples" / f"step_{step:06d}"

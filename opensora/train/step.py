@@ -15,6 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import amp, nn, ops
 
+from opensora.model.stdit2 import STDiT2
 from opensora.parallel.strategy import Update
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
 
     model_params is {name: Parameter} keyed like the model's checkpoint; update.ema likewise (this rank's share
     under parallel=zero). With bucketed data (data.bucket_config) the loss is STDiT2's with size conditioning
-    and frame masks (`SizedDiffusionLoss`), an STDiT2 on fixed-size data gets the same loss without masks, and with task.grad_accumulation > 1 step_fn is an AccumulatedStep."""
+    and frame masks (`SizedDiffusionLoss`); an STDiT2 on fixed-size data gets the same loss without masks; with
+    task.grad_accumulation > 1 step_fn is an AccumulatedStep."""
     from hydra.utils import instantiate
 
     model_params = dict(model.parameters_and_names())  # taken before nesting renames Parameter.name
@@ -254,8 +256,6 @@ def build_train_step(cfg, model: nn.Cell, diffusion, strategy):
     if update.ema is not None:  # in the order of the weights the step zips them with
         own_names = [names[i] for i in update.own] if update.sharded else names
         update.ema = {n: update.ema[n] for n in own_names if n in update.ema}
-    from opensora.model.stdit2 import STDiT2
-
     if cfg.data.get("bucket_config") is not None:
         loss = SizedDiffusionLoss(model, diffusion, masked=cfg.data.get("mask_ratios") is not None)
         if str(cfg.task.get("shapes")) == "dynamic":
