@@ -413,24 +413,25 @@ class OursSide:
 
     def __init__(self, a, weights: dict, inp: dict):
         cfg = compose_config(a)
-        from opensora.tasks import setup_runtime
+        from opensora.runtime import initialise
 
-        setup_runtime(cfg)
+        strategy = initialise(cfg)  # device context, the single-process strategy, seeds (as run.py)
         import mindspore as ms
         from hydra.utils import instantiate
 
         from opensora.tasks.common import build_model
-        from opensora.tasks.train import build_train_step, named_params
+        from opensora.train.step import build_train_step
 
         self.ms = ms
         self.model = build_model(cfg)
-        params = named_params(self.model)
+        params = dict(self.model.parameters_and_names())
         assert set(params) == set(weights), sorted(set(params) ^ set(weights))
         for n, p in params.items():
             assert tuple(p.shape) == weights[n].shape, (n, p.shape, weights[n].shape)
             p.set_data(ms.Tensor(weights[n]))
         diffusion = instantiate(cfg.scheduler, num_sampling_steps=None)
-        self.step, _, _, _ = build_train_step(cfg, self.model, diffusion)
+        strategy.prepare_model(self.model)
+        self.step, _, _ = build_train_step(cfg, self.model, diffusion, strategy)
         T = ms.Tensor
         self.inputs = (T(inp["x"]), T(inp["t"].astype(np.int32)), T(inp["noise"]), T(inp["y"]), T(inp["mask"]))
         self.rng = np.random.default_rng(a.seed)
@@ -466,7 +467,9 @@ def compose_config(a):
     from opensora.config import register_configs
 
     register_configs()
-    overrides = ["~experiment", "logger=none", "precision=fp32", "parallel=single",
+    # the original's training maths (IDDPM with learned variance, the recipes' AdamW), not the demo's choices
+    overrides = ["model=stdit_tiny", "scheduler=iddpm", "optim=adamw", "logger=none", "precision=fp32",
+                 "parallel=single",
                  f"model.hidden_size={a.hidden}", f"model.depth={a.depth}", f"model.num_heads={a.heads}",
                  "model.patch_size=[1,2,2]", f"model.input_size=[{a.frames},{a.size},{a.size}]",
                  f"model.in_channels={a.channels}", f"model.caption_channels={a.caption_channels}",
