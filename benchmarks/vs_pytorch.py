@@ -46,6 +46,9 @@ What runs where:
      first (for ours: compiling) train and sample steps.
   5. MFU: matmul FLOPs of the model (opensora.tasks.benchmark.stdit_matmul_flops; train = 3 x forward)
      over the best of both frameworks' [2048 x 2048] fp32 matmul rates, measured in this run.
+  6. with --profile DIR: per-op profiles of each side's train and sample steps, each in a fresh process
+     (torch.profiler's self CPU time per op; MindSpore's Profiler, its CPU op-type table), the top ops
+     per step printed side by side; the raw profiles stay in DIR.
 """
 from __future__ import annotations
 
@@ -560,6 +563,78 @@ def one_side(a) -> dict:
             "peak_rss_mib": peak_rss_mib(), "rss_at_start_mib": rss0}
 
 
+def profile_side(a) -> dict:
+    """--only SIDE --profile DIR --profile-step KIND: KIND steps of this side under its framework's profiler,
+    after warm-up steps (so ours is compiled); the ops by time per step."""
+    data = np.load(a.data)
+    weights = {k[2:]: data[k] for k in data.files if k.startswith("w.")}
+    inp = {k[2:]: data[k] for k in data.files if k.startswith("i.")}
+    side = (TorchSide if a.only == "torch" else OursSide)(a, weights, inp)
+    fn = getattr(side, f"{a.profile_step}_step")
+    for _ in range(1 + a.warmup):
+        fn()
+    out = Path(a.profile) / f"{a.only}_{a.profile_step}"
+    n = a.steps
+    if a.only == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                fn()
+        out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(out / "trace.json"))
+        # leaf ops only (self time), as MindSpore's kernel table
+        ops = {e.key: e.self_cpu_time_total / 1e3 / n for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    else:
+        import csv
+
+        ms = side.ms
+        prof = ms.Profiler(output_path=str(out))
+        for _ in range(n):
+            fn()
+        prof.stop()
+        prof.analyse()
+        tables = sorted(out.glob("**/FRAMEWORK/cpu_op_type_info_*.csv"))
+        if not tables:
+            raise RuntimeError(f"MindSpore's profiler wrote no CPU op table under {out}")
+        with open(tables[-1]) as f:
+            ops = {r["op_type"]: float(r["total_compute_time"]) / n for r in csv.DictReader(f)}
+    total = sum(ops.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"side": a.only, "step": a.profile_step, "ms_per_step": total,
+            "top": [[name, ms_, ms_ / total] for name, ms_ in top], "dir": str(out)}
+
+
+def profile_report(profiles: dict) -> str:
+    lines = []
+    for kind in ("train", "sample"):
+        t, o = profiles[("torch", kind)], profiles[("ours", kind)]
+        lines += [f"profile, {kind} step (op time per step: torch {t['ms_per_step']:.0f} ms, ours "
+                  f"{o['ms_per_step']:.0f} ms; raw: {t['dir']}, {o['dir']})",
+                  "| # | PyTorch original: op | ms | share | ours: op | ms | share |", "|---|---|---|---|---|---|---|"]
+        for i in range(max(len(t["top"]), len(o["top"]))):
+            cells = []
+            for p in (t, o):
+                if i < len(p["top"]):
+                    name, ms_, share = p["top"][i]
+                    cells += [f"`{name}`", f"{ms_:.1f}", f"{100 * share:.1f}%"]
+                else:
+                    cells += ["", "", ""]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_profile(a, side: str, kind: str, data_path: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", side, "--data", data_path,
+           "--profile-step", kind, *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"profiling {side} {kind} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
 def run_alone(a, side: str, data_path: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", side, "--data", data_path,
            *sys.argv[1:]]
@@ -635,10 +710,13 @@ def main() -> int:
                     "and print its figures as JSON")
     ap.add_argument("--data", help="where to write the weights and inputs (npz; default: a temporary file); with "
                     "--only SIDE, where to read them")
+    ap.add_argument("--profile", type=Path, help="also profile each side's train and sample steps (fresh "
+                    "processes; --steps steps each) and keep the profiles in this folder")
+    ap.add_argument("--profile-step", choices=["train", "sample"], help=argparse.SUPPRESS)  # internal: with --only
     a = ap.parse_args()
     set_threads(a.threads)
     if a.only:
-        print(json.dumps(one_side(a)), flush=True)
+        print(json.dumps(profile_side(a) if a.profile_step else one_side(a)), flush=True)
         return 0
 
     res = {"load_before": load_average()}
@@ -650,6 +728,10 @@ def main() -> int:
         if not a.no_memory:
             res["alone"] = {s: run_alone(a, s, data_path) for s in ("torch", "ours")}
             print("alone: " + json.dumps(res["alone"]), flush=True)
+        if a.profile:
+            profiles = {(s, k): run_profile(a, s, k, data_path) for s in ("torch", "ours") for k in ("train", "sample")}
+            res["profiles"] = {f"{s}_{k}": v for (s, k), v in profiles.items()}
+            print(profile_report(profiles), flush=True)
     sides = [TorchSide(a, weights, inp), OursSide(a, weights, inp)]
     res["check"] = check_same_maths(sides, a)
     tr = alternate(sides, "train_step", a.steps, a.warmup, a.gap)
