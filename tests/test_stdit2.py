@@ -723,6 +723,7 @@ def test_fixed_size_conditions_are_the_data_clip_size(tmp_path):
     assert fixed_size_conditions(cfg.data)["fps"] == 120.0  # a single frame: IMAGE_FPS, as the original
 
 
+@pytest.mark.slow
 def test_model_option_alone_trains_and_evaluates_on_the_default_data(tmp_path):
     """`model=stdit2_tiny` with the root defaults (fixed-size synthetic data, the demo scheduler): the train step
     conditions STDiT2 on the data's clip size, and the held-out evaluation samples it at that size."""

@@ -197,10 +197,10 @@ import sys
 import time
 
 sys.path.insert(0, {root!r})
-import opensora.tasks.train as train
+import opensora.train.batch as batch
 from opensora.parallel import get_parallel
 
-draw = train.draw_step
+draw = batch.draw_step
 calls = []
 
 
@@ -213,7 +213,7 @@ def failing(*args, **kwargs):
     return draw(*args, **kwargs)
 
 
-train.draw_step = failing
+batch.draw_step = failing  # the train feed's per-step draw (opensora/train/batch.py)
 sys.argv[0] = {run!r}
 runpy.run_path({run!r}, run_name="__main__")
 '''
