@@ -1,8 +1,12 @@
-"""pytest set-up: tests/helpers.py (what the tests share) is importable as `helpers`; W&B stays silent."""
+"""pytest set-up: tests/helpers.py (what the tests share) is importable as `helpers`; W&B stays silent; under
+pytest-xdist (pyproject's `-n 2`), tests marked `alone` run with no other test beside them."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,3 +30,38 @@ def graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
     yield
     ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@contextlib.contextmanager
+def _cpu_share(alone: bool):
+    """A readers-writer lock between xdist workers, in two files shared by one run's workers: every test holds
+    `cpus` shared, an `alone` test holds it exclusively. The `gate` makes it writer-preferring: an `alone` test
+    keeps the gate while it waits, so no new test starts beside it and it waits at most for the one running."""
+    run = os.environ["PYTEST_XDIST_TESTRUNUID"]
+    stem = Path(tempfile.gettempdir()) / f"opensora-pytest-{run}"
+    with open(f"{stem}.gate", "a") as gate, open(f"{stem}.cpus", "a") as cpus:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(cpus, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        if alone:
+            os.environ["OPENSORA_TEST_ALONE"] = "1"
+        try:
+            yield
+        finally:
+            os.environ.pop("OPENSORA_TEST_ALONE", None)
+            fcntl.flock(cpus, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Wraps set-up, call and tear-down, so module fixtures (often CLI runs themselves) are inside the lock too."""
+    if "PYTEST_XDIST_TESTRUNUID" not in os.environ:
+        yield
+        return
+    with _cpu_share(item.get_closest_marker("alone") is not None):
+        yield

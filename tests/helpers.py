@@ -68,6 +68,9 @@ def free_port() -> int:
 def run_msrun(args: Sequence[str], cwd: Path, workers: int = 2, log_dir: Optional[Path] = None,
               timeout: float = 900, extra: Sequence[str] = ()):
     """`msrun --worker_num=W --local_worker_num=W ... ARGS` in `cwd`; returns (process, {log name: text})."""
+    if "PYTEST_XDIST_WORKER" in os.environ and "OPENSORA_TEST_ALONE" not in os.environ:
+        raise AssertionError("a test that starts msrun must be marked @pytest.mark.alone: its ranks give up when "
+                             "one is > 30 s late, which another test on the same cores can cause")
     log_dir = log_dir or Path(cwd) / "msrun"
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     env = cli_env(cwd, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

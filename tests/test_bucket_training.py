@@ -171,6 +171,7 @@ def train_media(tmp_path_factory):
     return root
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_two_ranks_with_different_shapes_equal_one_process_accumulating_both(train_media, tmp_path):
     """msrun, 2 ranks, parallel=data: in each step the ranks train the plan's two micro-batches (of different

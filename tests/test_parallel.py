@@ -57,6 +57,7 @@ SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "m
          "task.ckpt_every=3", "task.log_every=1", "task.eval=null", "logger=none"]
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_msrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     proc, logs = run_msrun([str(ROOT / "run.py"), "parallel=data", "data.batch_size=2", *SMALL], tmp_path)
@@ -74,6 +75,7 @@ def test_msrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     assert_same_training_state(dp, single / "checkpoints" / "step_000003", position=12)
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_multirun_under_msrun_makes_one_sweep_directory(tmp_path):
     args = [a for a in SMALL if not a.startswith("task.max_steps")] + [
@@ -103,6 +105,7 @@ sys.exit(main())
 '''
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_two_nodes_equal_one_process_on_the_global_batch(tmp_path):
     """The documented multi-node command, as two "nodes" of one rank each on this machine (node 1's msrun is told

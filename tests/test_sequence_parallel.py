@@ -170,6 +170,7 @@ def test_start_up_checks_name_both_settings(tmp_path):
 # ---------------------------------------------------------------- real msrun jobs (slow)
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 @pytest.mark.parametrize("workers,sequence_size", [(2, 2), (4, 2)])
 def test_msrun_forward_and_gradients_equal_one_process(tmp_path, workers, sequence_size):
@@ -205,6 +206,7 @@ SMALL = ["model.hidden_size=32", "model.depth=1", "model.patch_size=[1,2,2]", "m
          "task.max_steps=3", "task.ckpt_every=3", "task.log_every=1", "task.eval=null", "logger=none"]
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_msrun_sequence_parallel_training_equals_one_process(tmp_path):
     """`run.py parallel=sequence` on 2 ranks (each holds 2 of the 4 frames, Ulysses attention with the
@@ -224,6 +226,7 @@ def test_msrun_sequence_parallel_training_equals_one_process(tmp_path):
     assert_same_training_state(sp, single / "checkpoints" / "step_000003", position=6)
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_bad_sequence_settings_stop_msrun_at_start_up(tmp_path):
     proc, logs = run_msrun([str(ROOT / "run.py"), "parallel=sequence", "data.num_frames=3", "model.patch_size=[1,3,3]",

@@ -59,6 +59,7 @@ def _args(vae_file):
             "logger=none"]
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_data_parallel_through_a_sampling_vae_equals_one_process(vae_file, tmp_path):
     args = [*_args(vae_file), "task.max_steps=3", "task.ckpt_every=3"]

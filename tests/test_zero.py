@@ -156,6 +156,7 @@ ZERO_ARGS = [*SMALL, "model.class_dropout_prob=0.5", "optim/lr_schedule=constant
              "task.ckpt_every=1", "task.keep_last=10"]
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_zero_resumes_across_rank_counts_and_equals_one_process(tmp_path):
     """One run, three legs: 1 process (steps 1-3) -> 2 ranks under zero (4-5) -> 1 process (6-7),
@@ -219,6 +220,7 @@ runpy.run_path({run!r}, run_name="__main__")
 '''
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_a_failing_rank_stops_the_job_with_its_error(tmp_path):
     """Rank 1 raises mid-training while rank 0 waits in the step's AllReduce: msrun must end the whole
