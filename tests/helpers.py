@@ -2,11 +2,14 @@
 checkpoint comparison, and media files made in tmp_path. Test modules import from here, never from each other."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -65,18 +68,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _cores(exclusive: bool):
+    """A readers-writer lock on the machine's cores between the xdist workers of one run (two files in the temp
+    folder, named by the run's id): tests hold it shared, msrun jobs exclusively. The `gate` makes it
+    writer-preferring: an exclusive holder keeps the gate while it waits, so no new test starts beside it and it
+    waits at most for the test running on the other worker. Outside xdist: no lock."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    stem = Path(tempfile.gettempdir()) / f"opensora-pytest-{run}"
+    with open(f"{stem}.gate", "a") as gate, open(f"{stem}.cores", "a") as cores:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(cores, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(cores, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def cores_shared():
+    """What every test but the `alone` ones holds (tests/conftest.py)."""
+    return _cores(exclusive=False)
+
+
+def cores_alone():
+    """Around an msrun job: no other test runs meanwhile, because CPU collectives give up when one rank is more
+    than 30 s late, which a test compiling on the same cores can cause. Only in a test marked
+    `@pytest.mark.alone`, which holds no shared lock (one that did would wait for itself)."""
+    if "PYTEST_XDIST_WORKER" in os.environ and "OPENSORA_TEST_ALONE" not in os.environ:
+        raise AssertionError("a test that starts msrun must be marked @pytest.mark.alone, so that its msrun jobs "
+                             "can run with no other test beside them (tests/conftest.py)")
+    return _cores(exclusive=True)
+
+
 def run_msrun(args: Sequence[str], cwd: Path, workers: int = 2, log_dir: Optional[Path] = None,
               timeout: float = 900, extra: Sequence[str] = ()):
-    """`msrun --worker_num=W --local_worker_num=W ... ARGS` in `cwd`; returns (process, {log name: text})."""
-    if "PYTEST_XDIST_WORKER" in os.environ and "OPENSORA_TEST_ALONE" not in os.environ:
-        raise AssertionError("a test that starts msrun must be marked @pytest.mark.alone: its ranks give up when "
-                             "one is > 30 s late, which another test on the same cores can cause")
+    """`msrun --worker_num=W --local_worker_num=W ... ARGS` in `cwd`, with the cores to itself (`cores_alone`);
+    returns (process, {log name: text})."""
     log_dir = log_dir or Path(cwd) / "msrun"
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     env = cli_env(cwd, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", *extra, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with cores_alone():
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     logs = {p.name: p.read_text() for p in Path(log_dir).glob("*.log")}
     return proc, logs
 

@@ -114,7 +114,7 @@ def test_two_nodes_equal_one_process_on_the_global_batch(tmp_path):
     import subprocess
     import sys
 
-    from helpers import cli_env, free_port
+    from helpers import cli_env, cores_alone, free_port
 
     run, port = tmp_path / "run", free_port()
     args = [str(ROOT / "run.py"), "parallel=data", "data.batch_size=2", *SMALL, f"hydra.run.dir={run}"]
@@ -122,13 +122,15 @@ def test_two_nodes_equal_one_process_on_the_global_batch(tmp_path):
               "--join=True"]
     env = cli_env(tmp_path)
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
-    node0 = subprocess.Popen([msrun, *common, "--node_rank=0", f"--log_dir={tmp_path / 'node0'}", *args], cwd=tmp_path,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     (tmp_path / "node.py").write_text(NODE)
-    node1 = subprocess.run([sys.executable, str(tmp_path / "node.py"), *common, "--node_rank=1",
-                            f"--log_dir={tmp_path / 'node1'}", *args], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=900)
-    assert node0.wait(timeout=300) == 0 and node1.returncode == 0, node1.stdout[-3000:]
+    with cores_alone():
+        node0 = subprocess.Popen([msrun, *common, "--node_rank=0", f"--log_dir={tmp_path / 'node0'}", *args],
+                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        node1 = subprocess.run([sys.executable, str(tmp_path / "node.py"), *common, "--node_rank=1",
+                                f"--log_dir={tmp_path / 'node1'}", *args], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=900)
+        node0_rc = node0.wait(timeout=300)
+    assert node0_rc == 0 and node1.returncode == 0, node1.stdout[-3000:]
     assert "step 3: weights identical on all 2 ranks" in (run / "run.log").read_text()
     single = tmp_path / "single"
     run_cli(["data.batch_size=4", *SMALL, f"hydra.run.dir={single}"], tmp_path)
