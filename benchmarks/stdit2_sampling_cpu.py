@@ -5,8 +5,8 @@ compile time and time per sampling step, text-to-video and with a frame mask (im
           8 caption tokens of 16, in graph mode (as task=sample runs)
     mid:  hidden 384, depth 4, 6 heads, 16 x 240 x 426 with the SD VAE's factor 8 (latent 4 x 16 x 30 x 53,
           padded to 30 x 54 tokens of 2 x 2: 6,480 tokens), 200 caption tokens of 4096 (T5-XXL-shaped), in
-          PyNative mode: MindSpore's CPU graph mode keeps every intermediate of the compiled graph alive and
-          needed more than 14 GiB here (the process was killed), PyNative frees them as it goes
+          graph mode too (3 GiB; before STDiT2 moved heads and frames without Transpose kernels and broadcast
+          explicitly, the compiled graph kept those kernels' buffers and needed more than 14 GiB)
 
     python benchmarks/stdit2_sampling_cpu.py [--sizes tiny mid] [--steps 4]
 
@@ -34,7 +34,7 @@ SIZES = {
     "tiny": dict(model=dict(hidden_size=24, depth=1, num_heads=2, caption_channels=16, model_max_length=8,
                             input_sq_size=32), latent=(3, 2, 24, 40), pixels=(2, 24, 40), mode="graph"),
     "mid": dict(model=dict(hidden_size=384, depth=4, num_heads=6, caption_channels=4096, model_max_length=200,
-                           input_sq_size=512), latent=(4, 16, 30, 53), pixels=(16, 240, 426), mode="pynative"),
+                           input_sq_size=512), latent=(4, 16, 30, 53), pixels=(16, 240, 426), mode="graph"),
 }
 
 

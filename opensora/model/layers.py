@@ -8,9 +8,24 @@ float32 output (growth of the process after the graph ran once): Add/Sub/Mul/Mas
 operands differ in shape (implicit broadcasting) 1.0-1.15 GB, Div 1.15-1.3 GB even on equal shapes,
 Transpose 0.5 GB, softmax's backward 1.0 GB; the same ops on equal shapes, BroadcastTo, BiasAdd,
 LayerNorm, Split/Concat/Stack/Unstack, MatMul/BatchMatMul and unary ops keep nothing. So the layers
-here broadcast explicitly (`bcast`), add biases with BiasAdd, normalise with the fused LayerNorm
-(eval) or sums (training), and move attention heads with split/concat (`split_heads` /
+here broadcast explicitly (`bcast`), add biases with BiasAdd, normalise with sums (or the fused
+LayerNorm kernel in eval off CPU), and move attention heads with split/concat (`split_heads` /
 `merge_heads`) instead of transposes: the same values, without those buffers.
+
+Speed note (same CPU kernels, issue #13). Broadcasts and sums are slow kernels there, and so are the
+ones autodiff puts in their place in the backward (the gradient of a broadcast is a sum, that of a sum
+a broadcast), while a matmul with a ones vector gives the same values fast. Per kernel on this
+project's 2-core benchmark machine (milliseconds, x of [2, 512, 384] or [1024, C]):
+
+    BroadcastTo [1024, 1] -> [1024, 384]     1.42   matmul [1024, 1] x ones [1, 384]         0.14
+    ReduceSum of [2, 512, 384] over axis 1   2.03   batched matmul ones [2, 1, 512] x x      0.17
+    ReduceSum of [2, 512, 384] over axis 2   1.29   matmul [1024, 384] x ones [384, 1]       0.34
+    BiasAddGrad of [1024, 1536]              4.79   matmul ones [1, 1024] x [1024, 1536]     0.80
+
+So on CPU `bcast` and `sum_last` are matmuls with ones (exact: each output is 1 * y, or a float32-
+accumulated sum), training-mode Linear adds its bias as such a broadcast (its gradient is then a
+matmul instead of BiasAddGrad), and elsewhere (Ascend, where those kernels are fast) they are plain
+BroadcastTo / ReduceSum / BiasAdd.
 """
 
 import logging
@@ -20,6 +35,7 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +65,53 @@ def flash_attention_available(requested: bool) -> bool:
 # ================================================================
 
 
+@ops.constexpr
+def _matmul_reductions() -> bool:
+    """True where broadcasts and sums run as matmuls with ones (CPU; see the speed note)."""
+    return ms.get_context("device_target") == "CPU"
+
+
+def shape_known(x):
+    """True when x's shape is known while tracing (False in a graph traced with dynamic shapes)."""
+    return not F.is_sequence_value_unknown(ops.shape(x))
+
+
+_MM = ops.MatMul()  # broadcasts and sums (not the model's matmuls, which benchmark FLOP counts intercept)
+_BMM_BCAST = ops.BatchMatMul()
+
+
 def bcast(y, x):
-    """`y` broadcast to `x`'s shape by an explicit BroadcastTo, for an elementwise op with `x` (see the
-    module note: implicitly broadcasting CPU kernels keep 4x their output alive)."""
-    return ops.broadcast_to(y, x.shape)
+    """`y` broadcast to `x`'s shape, for an elementwise op with `x` (no implicitly broadcasting kernel: see
+    the memory note). On CPU, when y's broadcast axes are one run of axes, y is a float tensor and the
+    shapes are static, as a matmul of y with a ones vector (see the speed note), else by BroadcastTo."""
+    if not (_matmul_reductions() and shape_known(x) and shape_known(y)):  # (traced with dynamic shapes: sizes unknown)
+        return ops.broadcast_to(y, x.shape)
+    shape = tuple(x.shape)
+    ys = (1,) * (len(shape) - y.ndim) + tuple(y.shape)
+    if ys == shape:
+        return y.reshape(shape)
+    axes = [d for d in range(len(shape)) if ys[d] != shape[d]]
+    first, end = axes[0], axes[-1] + 1
+    run = all(ys[d] == 1 for d in range(first, end))
+    if not (run and y.dtype in (ms.float32, ms.float16, ms.bfloat16)):
+        return ops.broadcast_to(y, shape)
+    lead, n, tail = math.prod(shape[:first]), math.prod(shape[first:end]), math.prod(shape[end:])
+    if tail == 1:  # [lead, 1] -> [lead, n]
+        out = _MM(y.reshape(lead, 1), ops.ones((1, n), y.dtype))
+    elif lead == 1:  # [1, tail] -> [n, tail]
+        out = _MM(ops.ones((n, 1), y.dtype), y.reshape(1, tail))
+    else:  # [lead, 1, tail] -> [lead, n, tail]
+        out = _BMM_BCAST(ops.ones((lead, n, 1), y.dtype), y.reshape(lead, 1, tail))
+    return out.reshape(shape)
+
+
+def sum_last(x):
+    """x [..., C] -> [..., 1], the sum over the last axis (on CPU a matmul with a ones column: see the
+    speed note)."""
+    if not (_matmul_reductions() and shape_known(x)):
+        return x.sum(axis=-1, keepdims=True)
+    C = x.shape[-1]
+    return _MM(x.reshape(-1, C), ops.ones((C, 1), x.dtype)).reshape(x.shape[:-1] + (1,))
 
 
 def t2i_modulate(x, shift, scale):
@@ -64,10 +123,11 @@ class LayerNorm(nn.Cell):
     """LayerNorm over the last axis without affine parameters, computed in float32 and returned
     in the input dtype (like torch.nn.LayerNorm(elementwise_affine=False)).
 
-    Without gradients (eval mode) MindSpore's fused kernel (unit gain, zero bias); in training the
-    same function as sums, explicit broadcasts and rsqrt, whose autodiff backward took about half the
-    time of the CPU LayerNormGrad kernel (measured on [1024, 384] and [8192, 1152]). The two agree to
-    float32 rounding."""
+    On CPU, and in training everywhere, as sums, explicit broadcasts and rsqrt (`sum_last`, `bcast`:
+    matmuls on CPU). On CPU that is faster than MindSpore's fused LayerNorm kernel both ways: 2.6 ms
+    against 4.8 ms on [2048, 384] without gradients, and autodiff's backward of the sums took about
+    half the time of the LayerNormGrad kernel even before they were matmuls. Without gradients on other
+    devices: the fused kernel (unit gain, zero bias). The two agree to float32 rounding."""
 
     def __init__(self, eps=1e-6):
         super().__init__()
@@ -78,9 +138,9 @@ class LayerNorm(nn.Cell):
         dtype = x.dtype
         x = ops.cast(x, ms.float32)
         C = x.shape[-1]
-        if self.training:
-            xc = x - bcast(x.sum(axis=-1, keepdims=True) * (1.0 / C), x)
-            var = ops.square(xc).sum(axis=-1, keepdims=True) * (1.0 / C)
+        if self.training or _matmul_reductions():
+            xc = x - bcast(sum_last(x) * (1.0 / C), x)
+            var = sum_last(xc * xc) * (1.0 / C)
             x = xc * bcast(ops.rsqrt(var + self.eps), xc)
         else:
             x = self.layer_norm(x, ops.ones((C,), ms.float32), ops.zeros((C,), ms.float32))[0]
@@ -99,13 +159,15 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         dtype = x.dtype
         x = ops.cast(x, ms.float32)
-        x = x * ops.rsqrt(ops.square(x).mean(axis=-1, keep_dims=True) + self.eps)
-        return ops.cast(self.weight, dtype) * ops.cast(x, dtype)
+        x = x * bcast(ops.rsqrt(sum_last(x * x) * (1.0 / x.shape[-1]) + self.eps), x)
+        x = ops.cast(x, dtype)
+        return bcast(ops.cast(self.weight, dtype), x) * x
 
 
 class Linear(nn.Dense):
     """nn.Dense (weight [out, in], bias [out]) computed in the input's dtype (fp32 master weights are
-    cast), as a 2-D matmul + BiasAdd (no broadcasting kernel: see the module note)."""
+    cast), as a 2-D matmul + BiasAdd (no broadcasting kernel: see the memory note); in training on CPU
+    the bias is added as a `bcast` instead (see the speed note)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -116,7 +178,11 @@ class Linear(nn.Dense):
         shape = x.shape
         x = self.matmul_nt(x.reshape(-1, shape[-1]), ops.cast(self.weight, x.dtype))  # compute in x's dtype
         if self.has_bias:
-            x = self.bias_add_2d(x, ops.cast(self.bias, x.dtype))  # [M, out] + [out]
+            bias = ops.cast(self.bias, x.dtype)
+            if self.training and _matmul_reductions():  # gradient by a matmul, not BiasAddGrad (speed note)
+                x = x + bcast(bias.reshape(1, -1), x)  # [M, out] + [1, out] -> [M, out]
+            else:
+                x = self.bias_add_2d(x, bias)  # [M, out] + [out]
         return x.reshape(shape[:-1] + (self.out_channels,))
 
 
@@ -126,7 +192,7 @@ class GELUTanh(nn.Cell):
 
     def construct(self, x):
         c = 2.0 * math.sqrt(2.0 / math.pi)
-        return x * ops.sigmoid(x * (c + (c * 0.044715) * ops.square(x)))
+        return x * ops.sigmoid(x * (c + (c * 0.044715) * (x * x)))  # x * x: faster than Square on CPU
 
 
 class Mlp(nn.Cell):

@@ -47,7 +47,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from . import stdit
-from .layers import LayerNorm, Linear, Mlp, RMSNorm, attention, t2i_modulate
+from .layers import LayerNorm, Linear, Mlp, RMSNorm, attention, bcast, merge_heads, shape_known, t2i_modulate
 from .precision import resolve_dtype
 from .stdit import (
     STDiT,
@@ -57,6 +57,8 @@ from .stdit import (
     TimestepEmbedder,
     _fill,
     apply_recompute,
+    frames_first,
+    frames_last,
 )
 
 
@@ -138,7 +140,7 @@ def apply_rope(x, cos, sin):
     shape = x.shape
     pairs = x.reshape(shape[:-1] + (shape[-1] // 2, 2))
     rotated = ops.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(shape)
-    return ops.cast(x * cos + rotated * sin, dtype)
+    return ops.cast(x * bcast(cos, x) + rotated * bcast(sin, x), dtype)
 
 
 # ================================================================
@@ -175,8 +177,7 @@ class Attention(stdit.Attention):
         if self.qk_norm_legacy:
             q, k = self._norm(q, k)
         x = attention(q, k, v, self.scale, self.use_flash)  # [B, H, N, D]
-        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
-        return self.proj(x)
+        return self.proj(merge_heads(x))  # [B, N, C]
 
 
 # ================================================================
@@ -191,6 +192,17 @@ def frame_modulation(mod, mod0=None, x_mask=None):
     if x_mask is None:
         return mod[:, None]
     return ops.where(x_mask[:, :, None, None], mod[:, None], mod0[:, None])
+
+
+def _frames_last(x):
+    """[B, T, S, C] -> [B, S, T, C]: STDiT's split + concat (no Transpose kernel; layers' memory note) when the
+    shape is static, a transpose when traced with dynamic shapes (T unknown: no split into T pieces)."""
+    return frames_last(x) if shape_known(x) else x.transpose(0, 2, 1, 3)
+
+
+def _frames_first(x):
+    """[B, S, T, C] -> [B, T, S, C], the inverse of `_frames_last`."""
+    return frames_first(x) if shape_known(x) else x.transpose(0, 2, 1, 3)
 
 
 class STDiT2Block(nn.Cell):
@@ -237,20 +249,21 @@ class STDiT2Block(nn.Cell):
         # spatial branch: attention within each frame
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
         x_s = self.attn(x_m.reshape(B * T, S, C)).reshape(B, T, S, C)  # [B*T, S, C] <-> [B, T, S, C]
-        x = x + gate_msa * x_s
+        x = x + bcast(gate_msa, x_s) * x_s
 
         # temporal branch: attention over frames at each spatial position
         x_m = t2i_modulate(self.norm_temp(x), shift_tmp, scale_tmp)
-        x_t = x_m.transpose(0, 2, 1, 3).reshape(B * S, T, C)  # [B, T, S, C] -> [B*S, T, C]
+        x_t = _frames_last(x_m).reshape(B * S, T, C)  # [B, T, S, C] -> [B*S, T, C]
         x_t = self.attn_temp(x_t, rope_cos, rope_sin)
-        x_t = x_t.reshape(B, S, T, C).transpose(0, 2, 1, 3)  # [B*S, T, C] -> [B, T, S, C]
-        x = x + gate_tmp * x_t
+        x_t = _frames_first(x_t.reshape(B, S, T, C))  # [B*S, T, C] -> [B, T, S, C]
+        x = x + bcast(gate_tmp, x_t) * x_t
 
         # cross attention to the caption (no norm, no gate)
         x = x + self.cross_attn(x.reshape(B, T * S, C), y, mask).reshape(B, T, S, C)
 
         # mlp
-        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x_m = self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + bcast(gate_mlp, x_m) * x_m
         return x
 
 

@@ -101,7 +101,8 @@ def mean_flat(tensor, mask=None):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + ops.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * ops.exp(-logvar2))
+    d = mean1 - mean2
+    return 0.5 * (-1.0 + logvar2 - logvar1 + ops.exp(logvar1 - logvar2) + (d * d) * ops.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -506,7 +507,8 @@ class GaussianDiffusion:
             model_output = eps_out
 
         target = noise if self._mean_kind == "EPSILON" else x_start
-        terms["mse"] = mean_flat((target - model_output) ** 2, mask)
+        err = target - model_output
+        terms["mse"] = mean_flat(err * err, mask)
         terms["loss"] = terms["mse"] + terms["vb"] if self._learn_sigma else terms["mse"]
         return terms
 

@@ -85,6 +85,15 @@ def loss_scaler(precision) -> Optional[amp.LossScaler]:
     return amp.StaticLossScaler(float(precision.loss_scale_value))
 
 
+def sum_of_squares(g):
+    """sum(g ** 2) as a reduction over the last axis and then one over the rest: MindSpore 2.10's CPU
+    ReduceSum over all axes of a tensor is several times slower than the two (the global norm of the 15 M
+    gradients of issue #13's benchmark model: 95 ms against 22 ms per step)."""
+    if g.ndim < 2:
+        return ops.reduce_sum(ops.square(g))
+    return ops.reduce_sum(ops.reduce_sum(ops.square(g), -1))
+
+
 class TrainStep(nn.Cell):
     """One optimisation step, compiled as one graph (see the module docstring).
 
@@ -138,7 +147,7 @@ class TrainStep(nn.Cell):
         self.optimizer(grads)
         if self.use_ema:
             for e, w in zip(self.ema, self.own_weights):
-                ops.assign(e, e * self.decay + w * (1.0 - self.decay))
+                ops.assign_sub(e, (e - w) * (1.0 - self.decay))  # e d + w (1 - d), in 3 kernels instead of 4
         return True
 
     def loss_scale(self):
@@ -164,7 +173,7 @@ class TrainStep(nn.Cell):
         if self.scaling:
             grads = self.scaler.unscale(grads)
             finite = amp.all_finite(grads)
-        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
+        grad_norm = ops.sqrt(ops.addn([sum_of_squares(g) for g in grads]))
         if self.scaling:
             if finite:
                 self.apply(grads, grad_norm)
