@@ -80,29 +80,38 @@ _MM = ops.MatMul()  # broadcasts and sums (not the model's matmuls, which benchm
 _BMM_BCAST = ops.BatchMatMul()
 
 
+@ops.constexpr
+def _bcast_plan(y_shape, x_shape, float_dtype):
+    """How `bcast` broadcasts y_shape to x_shape (evaluated once while tracing): (lead, n, tail) for a matmul
+    with ones, [lead, 1, tail] -> [lead, n, tail], or None for BroadcastTo."""
+    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
+    ys = (1,) * (len(x_shape) - len(y_shape)) + y_shape
+    axes = [d for d in range(len(x_shape)) if ys[d] != x_shape[d]]
+    if not axes or not float_dtype:
+        return None
+    first, end = axes[0], axes[-1] + 1
+    if any(ys[d] != 1 for d in range(first, end)):  # not one run of broadcast axes
+        return None
+    return math.prod(x_shape[:first]), math.prod(x_shape[first:end]), math.prod(x_shape[end:])
+
+
 def bcast(y, x):
     """`y` broadcast to `x`'s shape, for an elementwise op with `x` (no implicitly broadcasting kernel: see
     the memory note). On CPU, when y's broadcast axes are one run of axes, y is a float tensor and the
     shapes are static, as a matmul of y with a ones vector (see the speed note), else by BroadcastTo."""
     if not (_matmul_reductions() and shape_known(x) and shape_known(y)):  # (traced with dynamic shapes: sizes unknown)
         return ops.broadcast_to(y, x.shape)
-    shape = tuple(x.shape)
-    ys = (1,) * (len(shape) - y.ndim) + tuple(y.shape)
-    if ys == shape:
-        return y.reshape(shape)
-    axes = [d for d in range(len(shape)) if ys[d] != shape[d]]
-    first, end = axes[0], axes[-1] + 1
-    run = all(ys[d] == 1 for d in range(first, end))
-    if not (run and y.dtype in (ms.float32, ms.float16, ms.bfloat16)):
-        return ops.broadcast_to(y, shape)
-    lead, n, tail = math.prod(shape[:first]), math.prod(shape[first:end]), math.prod(shape[end:])
+    plan = _bcast_plan(y.shape, x.shape, y.dtype in (ms.float32, ms.float16, ms.bfloat16))
+    if plan is None:
+        return ops.broadcast_to(y, x.shape)
+    lead, n, tail = plan
     if tail == 1:  # [lead, 1] -> [lead, n]
         out = _MM(y.reshape(lead, 1), ops.ones((1, n), y.dtype))
     elif lead == 1:  # [1, tail] -> [n, tail]
         out = _MM(ops.ones((n, 1), y.dtype), y.reshape(1, tail))
     else:  # [lead, 1, tail] -> [lead, n, tail]
         out = _BMM_BCAST(ops.ones((lead, n, 1), y.dtype), y.reshape(lead, 1, tail))
-    return out.reshape(shape)
+    return out.reshape(x.shape)
 
 
 def sum_last(x):
